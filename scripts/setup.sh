@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian bookworm machine (run as root).
+# Installs the Debian packages thaw needs, a private CRIU 4.x prefix, npm dependencies,
+# then builds TypeScript and the native addon. Safe to run again: each step checks first.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+# Adds an apt suite (deb822) next to the bookworm entry, deriving the archive URI from it so that
+# no host name is written down here.
+add_suite() {
+  local suite=$1 file=/etc/apt/sources.list.d/thaw-$1.sources src uri
+  if grep -qsE "^Suites:(.* )?$suite( |\$)" /etc/apt/sources.list.d/*.sources; then return 1; fi
+  src=$(grep -lE '^Suites:(.* )?bookworm( |$)' /etc/apt/sources.list.d/*.sources | head -n1)
+  uri=$(awk '$1 == "URIs:" {print $2; exit}' "$src")
+  printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: %s\n' \
+    "$uri" "$suite" /usr/share/keyrings/debian-archive-keyring.gpg > "$file"
+  # trixie is only ever downloaded from (CRIU's private prefix), never installed from.
+  if [ "$suite" = trixie ]; then
+    printf 'Package: *\nPin: release n=trixie\nPin-Priority: 50\n' > /etc/apt/preferences.d/thaw-trixie
+  fi
+  return 0
+}
+
+debs=(runsc containerd runc containernetworking-plugins busybox-static liburing-dev libaio-dev libxxhash-dev
+      libbsd0 libgnutls30 libnl-3-200 libuuid1 libjansson4 libcap2 libnet1 iptables)
+need_apt=0
+command -v runsc >/dev/null && runsc --version 2>/dev/null | grep -q 2024 || need_apt=1
+for p in containerd runc busybox-static liburing-dev libaio-dev libxxhash-dev; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_apt=1
+done
+if [ "$need_apt" = 1 ]; then
+  changed=0
+  add_suite bookworm-backports && changed=1
+  add_suite trixie && changed=1
+  log "installing Debian packages"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -t bookworm \
+    runsc/bookworm-backports "${debs[@]:1}" >/dev/null
+fi
+
+# CRIU 4.x: bookworm's 3.17 fails on kernels >= 6.11, trixie's 4.1.1 needs glibc 2.38, so its binary
+# runs from a private prefix through that prefix's own loader (see docs/native-engine.md).
+criu_prefix=${THAW_CRIU_PREFIX:-/opt/thaw/criu}
+if [ ! -x "$criu_prefix/bin/criu" ]; then
+  add_suite trixie && apt-get update -q >/dev/null || true
+  log "unpacking CRIU 4.x into $criu_prefix"
+  dl=$(mktemp -d)
+  (cd "$dl" && apt-get download -q criu/trixie libprotobuf-c1/trixie libnet1/trixie libnftables1/trixie \
+      libmnl0/trixie libnftnl11/trixie libxtables12/trixie libc6/trixie >/dev/null)
+  mkdir -p "$criu_prefix/root" "$criu_prefix/bin"
+  for d in "$dl"/*.deb; do dpkg-deb -x "$d" "$criu_prefix/root"; done
+  mkdir -p "$criu_prefix/debs" && cp "$dl"/*.deb "$criu_prefix/debs/"
+  rm -rf "$dl"
+  cat > "$criu_prefix/bin/criu" <<WRAP
+#!/bin/sh
+p=$criu_prefix/root
+exec "\$p/usr/lib64/ld-linux-x86-64.so.2" --library-path "\$p/usr/lib/x86_64-linux-gnu" "\$p/usr/sbin/criu" "\$@"
+WRAP
+  chmod 755 "$criu_prefix/bin/criu"
+fi
+
+if [ ! -d node_modules ] || [ package.json -nt node_modules/.thaw-installed ]; then
+  log "installing npm dependencies"
+  if [ -f package-lock.json ]; then npm ci --no-audit --no-fund --loglevel=error; else npm install --no-audit --no-fund --loglevel=error; fi
+  touch node_modules/.thaw-installed
+fi
+
+log "building"
+npm_config_nodedir=${npm_config_nodedir:-/usr} npm run --silent build

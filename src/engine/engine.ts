@@ -1,0 +1,113 @@
+/**
+ * The one runtime interface that task/ (the shim) and cli/ (thaw) use. `gvisor.ts` implements it
+ * with runsc, `native.ts` with runc + CRIU. Ids given to an engine are thaw's container ids
+ * (validated by `validateContainerId`); each engine maps them to its runtime's own ids.
+ */
+export type EngineName = 'gvisor' | 'native';
+
+/** One stdio slot of the container's init process: an open fd, or nothing. */
+export type StdioSlot = number | 'ignore';
+export type StdioFds = readonly [stdin: StdioSlot, stdout: StdioSlot, stderr: StdioSlot];
+
+export interface CreateOptions {
+  id: string;
+  /** OCI bundle directory holding config.json and rootfs/. */
+  bundle: string;
+  /** The container's stdio (runsc: the `create` process's stdio becomes the container's). */
+  stdio: StdioFds;
+  /** Unix socket receiving the pty master when the spec asks for a terminal. */
+  consoleSocket?: string;
+  signal?: AbortSignal;
+}
+
+export interface RestoreOptions extends CreateOptions {
+  /** Directory holding the runtime's checkpoint image files. */
+  imageDir: string;
+}
+
+export interface CheckpointOptions {
+  /** Empty directory the image is written into. */
+  imageDir: string;
+  /** Keep the source running (the first replica keeps serving). */
+  leaveRunning: boolean;
+  signal?: AbortSignal;
+}
+
+export type EngineStatus = 'created' | 'running' | 'paused' | 'stopped';
+
+export interface EngineState {
+  id: string;
+  status: EngineStatus;
+  /** Host pid of the container's init process (gVisor: the sandbox's), 0 if none. */
+  pid: number;
+}
+
+export interface ExecOptions {
+  /** OCI process spec (JSON) for the new process. */
+  process: Record<string, unknown>;
+  stdio: StdioFds;
+  consoleSocket?: string;
+  signal?: AbortSignal;
+}
+
+export interface ExitResult {
+  exitStatus: number;
+  exitedAt: Date;
+}
+
+export interface ResourceStats {
+  memoryUsageBytes?: number;
+  memoryLimitBytes?: number;
+  cpuUsageNanos?: number;
+  pids?: number;
+}
+
+/**
+ * Runtime identity that must match between checkpoint and restore (runtime name and version,
+ * platform, checkpoint format options). Goes into the snapshot key.
+ */
+export type EngineIdentity = Readonly<Record<string, string>>;
+
+/** GPU participation hooks an engine calls around its own checkpoint and restore (see gpu/driver.ts). */
+export interface GpuHooks {
+  /** Lock + checkpoint every CUDA process among `pids`; returns what it touched (for the manifest). */
+  beforeCheckpoint(pids: readonly number[]): Promise<GpuCheckpointRecord>;
+  /** Undo `beforeCheckpoint` when the engine's own checkpoint failed or ran with leaveRunning. */
+  resumeAfterCheckpoint(record: GpuCheckpointRecord): Promise<void>;
+  /** CUDA restore + unlock of the processes recorded at checkpoint, now at `pids` (new host pids). */
+  afterRestore(record: GpuCheckpointRecord, pids: readonly number[]): Promise<void>;
+}
+
+export interface GpuCheckpointRecord {
+  /** Processes that were CUDA-checkpointed, by host pid at checkpoint time. */
+  pids: number[];
+  /** Phase timings in ms. */
+  timings: Record<string, number>;
+}
+
+export interface Engine {
+  readonly name: EngineName;
+  identity(): Promise<EngineIdentity>;
+  /** Creates the container (sandbox up, app not started). */
+  create(opts: CreateOptions): Promise<EngineState>;
+  start(id: string): Promise<EngineState>;
+  /**
+   * Prepares for a restore (gVisor: `runsc create`, which can overlap staging; native: nothing).
+   * Must be followed by `restore` or `delete`.
+   */
+  prepareRestore(opts: CreateOptions): Promise<void>;
+  /** Restores `imageDir` into the container `opts.id`; the app runs when this resolves. */
+  restore(opts: RestoreOptions): Promise<EngineState>;
+  checkpoint(id: string, opts: CheckpointOptions): Promise<void>;
+  state(id: string): Promise<EngineState>;
+  /** Resolves when the init process exits (from the runtime's own wait, not from reaping). */
+  wait(id: string, signal?: AbortSignal): Promise<ExitResult>;
+  kill(id: string, signal: number, all?: boolean): Promise<void>;
+  delete(id: string, opts?: { force?: boolean }): Promise<void>;
+  /** Host pids of the container's processes (native) or sandbox-internal pids (gVisor). */
+  ps(id: string): Promise<number[]>;
+  exec(id: string, opts: ExecOptions): Promise<{ pid: number }>;
+  pause(id: string): Promise<void>;
+  resume(id: string): Promise<void>;
+  stats(id: string): Promise<ResourceStats>;
+}

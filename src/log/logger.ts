@@ -1,0 +1,62 @@
+import { pino, type Logger, type DestinationStream } from 'pino';
+
+/**
+ * Structured logs. Field names are fixed across thaw:
+ * id, execId, pid, snapshot, phase, durationMs, err (plus decision, reason, fallback, bytes where relevant).
+ */
+export type { Logger };
+
+export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal' | 'silent';
+
+export interface LoggerOptions {
+  level?: LogLevel;
+  /** A path (appended to), a file descriptor, or a stream; default stderr (fd 2). */
+  destination?: string | number | DestinationStream;
+  name?: string;
+}
+
+export function createLogger({ level = 'info', destination = 2, name = 'thaw' }: LoggerOptions = {}): Logger {
+  const dest =
+    typeof destination === 'string' || typeof destination === 'number'
+      ? pino.destination({ dest: destination, sync: true, append: true, mkdir: true })
+      : destination;
+  return pino({ name, level, base: { pid: process.pid }, serializers: { err: pino.stdSerializers.err } }, dest);
+}
+
+/** A logger that drops everything (tests, library default). */
+export const silentLogger: Logger = pino({ level: 'silent' });
+
+/**
+ * Times named phases of a checkpoint or restore. Each phase is logged with {phase, durationMs} and
+ * kept in `timings` (milliseconds) for JSON output and manifests.
+ */
+export class PhaseTimer {
+  readonly timings: Record<string, number> = {};
+  readonly #start = performance.now();
+  constructor(private readonly log: Logger = silentLogger) {}
+
+  async phase<T>(name: string, fn: () => Promise<T> | T): Promise<T> {
+    const t0 = performance.now();
+    try {
+      return await fn();
+    } finally {
+      const durationMs = round(performance.now() - t0);
+      this.timings[name] = (this.timings[name] ?? 0) + durationMs;
+      this.log.debug({ phase: name, durationMs }, 'phase done');
+    }
+  }
+
+  /** Records a duration measured elsewhere. */
+  record(name: string, durationMs: number): void {
+    this.timings[name] = round(durationMs);
+  }
+
+  /** Milliseconds since the timer was created. */
+  elapsed(): number {
+    return round(performance.now() - this.#start);
+  }
+}
+
+function round(ms: number): number {
+  return Math.round(ms * 10) / 10;
+}
