@@ -25,7 +25,7 @@ async function main(argv: readonly string[]): Promise<number> {
     }
     if (flags.info) {
       const { runtimeInfo } = await import('../shim/manager.js');
-      await writeStdout(runtimeInfo(await readStdin()));
+      await writeStdout(await runtimeInfo(await readStdin()));
       return 0;
     }
     if (!isShimVerb(verb)) {

@@ -2,14 +2,9 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, constants as fsConstants, openSync } from 'node:fs';
 import { readFile, rename, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { create, toBinary } from '@bufbuild/protobuf';
-import { DeleteResponseSchema } from '../gen/containerd/task/v2/shim_pb.js';
-import { RuntimeInfoSchema } from '../gen/containerd/types/introspection_pb.js';
 import type { ShimFlags } from '../cli/shim-flags.js';
 import { ShimError } from '../errors.js';
 import { silentLogger, type Logger } from '../log/logger.js';
-import { decodeAny } from '../wire/any.js';
-import { toTimestamp } from '../wire/timestamp.js';
 import { isDebugLevel, parseStartInput, startReply } from './bootstrap.js';
 import { canConnect, DEFAULT_SOCKET_DIR, groupKeyOf, removeSocket, socketAddress, socketPathOf } from './socket.js';
 import { RUNTIME_NAME, shimVersion } from './version.js';
@@ -64,7 +59,7 @@ export async function start(opts: StartOptions): Promise<StartResult> {
   const { flags, bundle, log = silentLogger } = opts;
   requireFlag(flags.namespace, 'namespace');
   requireFlag(flags.id, 'id');
-  const input = parseStartInput(opts.stdin, { id: flags.id, namespace: flags.namespace });
+  const input = await parseStartInput(opts.stdin, { id: flags.id, namespace: flags.namespace });
   const params = input.protocol === 'bootstrap' ? input.params : undefined;
   const grpcAddress = params?.containerdGrpcAddress || flags.address;
   requireFlag(grpcAddress, 'address');
@@ -75,7 +70,7 @@ export async function start(opts: StartOptions): Promise<StartResult> {
     groupKey: groupKeyOf(annotations, flags.id),
     socketDir: opts.socketDir ?? params?.socketDir ?? DEFAULT_SOCKET_DIR,
   });
-  const reply = startReply(input, address);
+  const reply = await startReply(input, address);
   const logged = log.child({ id: flags.id });
 
   if (await canConnect(address)) {
@@ -165,6 +160,12 @@ export async function deleteDeadShim(opts: DeleteOptions): Promise<Uint8Array> {
   if (address !== '' && !(await canConnect(address))) {
     await removeSocket(address).catch((err: unknown) => logged.warn({ err, address }, 'remove dead shim socket failed'));
   }
+  // Protobuf is loaded on demand (see bootstrap.ts); delete and -info are rare, short-lived verbs.
+  const [{ create, toBinary }, { DeleteResponseSchema }, { toTimestamp }] = await Promise.all([
+    import('@bufbuild/protobuf'),
+    import('../gen/containerd/task/v2/shim_pb.js'),
+    import('../wire/timestamp.js'),
+  ]);
   return toBinary(
     DeleteResponseSchema,
     create(DeleteResponseSchema, {
@@ -179,7 +180,12 @@ export async function deleteDeadShim(opts: DeleteOptions): Promise<Uint8Array> {
  * `-info` (containerd 2.x introspection): runtime options Any on stdin, RuntimeInfo on stdout.
  * thaw has no `features` document (runc's comes from `runc features`), so that field stays unset.
  */
-export function runtimeInfo(stdin: Uint8Array): Uint8Array {
+export async function runtimeInfo(stdin: Uint8Array): Promise<Uint8Array> {
+  const [{ create, toBinary }, { RuntimeInfoSchema }, { decodeAny }] = await Promise.all([
+    import('@bufbuild/protobuf'),
+    import('../gen/containerd/types/introspection_pb.js'),
+    import('../wire/any.js'),
+  ]);
   const options = stdin.byteLength > 0 ? decodeAny(stdin) : undefined;
   return toBinary(
     RuntimeInfoSchema,

@@ -3,7 +3,7 @@ import { unlink } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { ShimError } from '../errors.js';
-import { socketPathOf } from '../ttrpc/client.js';
+import { socketPathOf } from '../ttrpc/address.js';
 
 /** containerd's shim socket directory (`<defaults.DefaultStateDir>/s`); 2.3+ may pass another. */
 export const DEFAULT_SOCKET_DIR = '/run/containerd/s';

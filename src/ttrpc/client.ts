@@ -14,6 +14,7 @@ import { ShimError } from '../errors.js';
 import { silentLogger, type Logger } from '../log/logger.js';
 import { encodeFrame, FrameDecoder, FrameError, FrameType, type Frame } from './frame.js';
 import { errorFromStatus } from './status.js';
+import { socketPathOf } from './address.js';
 import { NAMESPACE_METADATA_KEY } from './server.js';
 
 /** The connection is gone (peer closed it, or close() was called). Safe to reconnect and retry. */
@@ -48,13 +49,6 @@ interface PendingCall {
   readonly output: DescMessage;
   readonly resolve: (message: MessageShape<DescMessage>) => void;
   readonly reject: (err: unknown) => void;
-}
-
-/** unix:///path and plain paths both name a filesystem socket (as containerd's dialer treats them). */
-export function socketPathOf(address: string): string {
-  if (address.startsWith('unix://')) return address.slice('unix://'.length);
-  if (address.includes('://')) throw new ShimError('InvalidArgument', `unsupported ttrpc address ${address}`);
-  return address;
 }
 
 /**

@@ -14,14 +14,14 @@ const who = { id: 'c1', namespace: 'default' };
 const optionsAny = packAny(OptionsSchema, create(OptionsSchema, { typeUrl: 'io.containerd.thaw.v2.options', configPath: '/etc/thaw/x.json' }));
 
 t.test('empty stdin: legacy without options', async (t) => {
-  const input = parseStartInput(new Uint8Array(0), who);
+  const input = await parseStartInput(new Uint8Array(0), who);
   t.equal(input.protocol, 'legacy');
   t.equal(input.options.configPath, '');
-  t.equal(Buffer.from(startReply(input, 'unix:///run/containerd/s/x')).toString(), 'unix:///run/containerd/s/x');
+  t.equal(Buffer.from(await startReply(input, 'unix:///run/containerd/s/x')).toString(), 'unix:///run/containerd/s/x');
 });
 
 t.test('legacy stdin: runtime options Any', async (t) => {
-  const input = parseStartInput(encodeAny(optionsAny), who);
+  const input = await parseStartInput(encodeAny(optionsAny), who);
   t.equal(input.protocol, 'legacy');
   t.equal(input.options.configPath, '/etc/thaw/x.json');
   t.equal(input.options.options?.typeUrl, 'io.containerd.thaw.v2.options');
@@ -30,7 +30,7 @@ t.test('legacy stdin: runtime options Any', async (t) => {
 
 t.test('legacy stdin with another options type keeps the raw Any', async (t) => {
   const other = encodeAny(create(AnySchema, { typeUrl: 'containerd.runc.v1.Options', value: Uint8Array.of(0x08, 0x01) }));
-  const input = parseStartInput(other, who);
+  const input = await parseStartInput(other, who);
   t.equal(input.protocol, 'legacy');
   t.equal(input.options.configPath, '');
   t.equal(input.options.raw?.typeUrl, 'containerd.runc.v1.Options');
@@ -46,18 +46,18 @@ t.test('containerd 2.3 BootstrapParams are recognised by id and namespace', asyn
     extensions: [{ value: optionsAny }],
     socketDir: '/run/containerd/s2',
   });
-  const input = parseStartInput(toBinary(BootstrapParamsSchema, params), who);
+  const input = await parseStartInput(toBinary(BootstrapParamsSchema, params), who);
   t.equal(input.protocol, 'bootstrap');
   if (input.protocol !== 'bootstrap') return;
   t.equal(input.params.socketDir, '/run/containerd/s2');
   t.equal(input.options.configPath, '/etc/thaw/x.json');
   t.ok(isDebugLevel(input.params.logLevel));
-  const reply = fromBinary(BootstrapResultSchema, startReply(input, 'unix:///s/x'));
+  const reply = fromBinary(BootstrapResultSchema, await startReply(input, 'unix:///s/x'));
   t.equal(reply.version, 2);
   t.equal(reply.address, 'unix:///s/x');
   t.equal(reply.protocol, 'ttrpc');
 
-  const otherId = parseStartInput(toBinary(BootstrapParamsSchema, create(BootstrapParamsSchema, { instanceId: 'c2', namespace: 'default' })), who);
+  const otherId = await parseStartInput(toBinary(BootstrapParamsSchema, create(BootstrapParamsSchema, { instanceId: 'c2', namespace: 'default' })), who);
   t.equal(otherId.protocol, 'legacy', 'params for another instance are not ours');
 });
 
@@ -69,5 +69,5 @@ t.test('log levels', async (t) => {
 });
 
 t.test('garbage stdin is an InvalidArgument', async (t) => {
-  t.throws(() => parseStartInput(Uint8Array.of(0x0a, 0x7f, 0x01), who), { code: 'InvalidArgument' });
+  await t.rejects(parseStartInput(Uint8Array.of(0x0a, 0x7f, 0x01), who), { code: 'InvalidArgument' });
 });

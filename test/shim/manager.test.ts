@@ -185,10 +185,10 @@ t.test('start reports a server that fails or never listens', async (t) => {
 
 t.test('-info and -v', async (t) => {
   const options = packAny(OptionsSchema, create(OptionsSchema, { configPath: '/x' }));
-  const info = fromBinary(RuntimeInfoSchema, runtimeInfo(encodeAny(options)));
+  const info = fromBinary(RuntimeInfoSchema, await runtimeInfo(encodeAny(options)));
   t.equal(info.name, 'io.containerd.thaw.v2');
   t.match(info.version?.version, /^\d+\.\d+\.\d+/);
   t.equal(info.options?.typeUrl, 'runtimeoptions.v1.Options', 'options echoed back');
-  t.equal(fromBinary(RuntimeInfoSchema, runtimeInfo(new Uint8Array(0))).options, undefined);
+  t.equal(fromBinary(RuntimeInfoSchema, await runtimeInfo(new Uint8Array(0))).options, undefined);
   t.match(versionText('containerd-shim-thaw-v2'), /^containerd-shim-thaw-v2:\n {2}Version: {2}\d+\.\d+\.\d+\n/);
 });

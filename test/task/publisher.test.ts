@@ -125,7 +125,7 @@ t.test('queue is bounded at 128; publish never blocks', async (t) => {
   const pub = new Publisher({ address: srv.socketPath, namespace: 'default' });
   const t0 = performance.now();
   for (let i = 0; i < 200; i++) pub.publish('/tasks/start', create(TaskStartSchema, { containerId: 'c', pid: i }));
-  t.ok(performance.now() - t0 < 500, 'publishing 200 events does not wait for containerd');
+  t.ok(performance.now() - t0 < 2000, 'publishing 200 events does not wait for containerd');
   t.equal(pub.pending, 128);
   t.equal(pub.dropped, 72);
   open();
