@@ -1,4 +1,6 @@
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
 import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -51,6 +53,15 @@ t.test('runsc checkpoints into a pending snapshot; the committed snapshot restor
     for (const fd of fds) closeSync(fd);
     await rm(dir, { recursive: true, force: true });
   });
+  /** `runsc create`: the container's stdio is this process's stdio (an fd execa cannot take). */
+  const createWithStdout = async (id: string, fd: number): Promise<void> => {
+    const child = spawn('runsc', ['--root', root, '--network=none', '--platform=systrap', 'create', '--bundle', bundle, id], {
+      stdio: ['ignore', fd, fd],
+      timeout: 60_000,
+    });
+    const [code] = (await once(child, 'exit')) as [number | null];
+    if (code !== 0) throw new Error(`runsc create ${id} exited with ${code}`);
+  };
   const output = (name: string) => {
     const file = join(dir, name);
     const fd = openSync(file, 'a'); // O_APPEND: a restored app must not write at an old offset
@@ -70,10 +81,7 @@ t.test('runsc checkpoints into a pending snapshot; the committed snapshot restor
   const src = randomBytes(16).toString('hex');
   ids.push(src);
   const out1 = output('out1.log');
-  await execa('runsc', ['--root', root, '--network=none', '--platform=systrap', 'create', '--bundle', bundle, src], {
-    stdio: ['ignore', out1.fd, out1.fd],
-    timeout: 60_000,
-  });
+  await createWithStdout(src, out1.fd);
   await runsc('start', src);
   await until('the app to count to 5', () => (numbers(out1.file).length >= 5 ? true : undefined));
 
@@ -109,10 +117,7 @@ t.test('runsc checkpoints into a pending snapshot; the committed snapshot restor
   const dst = randomBytes(16).toString('hex');
   ids.push(dst);
   const out2 = output('out2.log');
-  await execa('runsc', ['--root', root, '--network=none', '--platform=systrap', 'create', '--bundle', bundle, dst], {
-    stdio: ['ignore', out2.fd, out2.fd],
-    timeout: 60_000,
-  });
+  await createWithStdout(dst, out2.fd);
   await runsc('restore', '--detach', '--bundle', bundle, `--image-path=${info.imageDir}`, dst);
   const counted = await until('the restored app to count on', () => {
     const n = numbers(out2.file);
