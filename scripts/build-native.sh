@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Builds the native parts: the I/O addon (node-gyp, against the headers in /usr/include/node since
+# node-gyp cannot download them here) and thaw-cuda (plain gcc; libcuda is dlopened at run time).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -f native/binding.gyp ]; then
+  npx node-gyp -C native rebuild --nodedir="${npm_config_nodedir:-/usr}" --loglevel=error >/dev/null \
+    || { echo "[build] native addon failed to build; thaw falls back to its TypeScript I/O" >&2; }
+fi
+if [ -f native/cuda/Makefile ]; then make -s -C native/cuda; fi

@@ -1,0 +1,50 @@
+import { join } from 'node:path';
+import type { Logger } from '../log/logger.js';
+import type { ThawConfig } from '../config/config.js';
+import { SnapshotStore } from '../snapshot/store.js';
+import { RestoreStager, hasherReader } from '../restore/engine.js';
+import { ContainerRecords } from './records.js';
+import { GvisorEngine } from './gvisor.js';
+import { Lifecycle } from './lifecycle.js';
+import type { Engine, EngineName } from './engine.js';
+
+/**
+ * Assembles thaw's parts from one config: store, records, engines and the lifecycle. Used by the
+ * CLI (per command) and by the shim's `serve` (once). Only wiring here.
+ */
+export interface Runtime {
+  config: ThawConfig;
+  log: Logger;
+  store: SnapshotStore;
+  records: ContainerRecords;
+  engine: (name: EngineName, namespace: string) => Engine | undefined;
+  lifecycle: Lifecycle;
+}
+
+export async function openRuntime(config: ThawConfig, log: Logger): Promise<Runtime> {
+  const store = await SnapshotStore.open({ root: config.store.path, log });
+  const records = await ContainerRecords.open(config.stateDir);
+  const cache = new Map<string, Engine>();
+  const engine = (name: EngineName, namespace: string): Engine | undefined => {
+    const k = `${name}\0${namespace}`;
+    let e = cache.get(k);
+    if (!e && name === 'gvisor') e = new GvisorEngine({ config, log, namespace });
+    if (e) cache.set(k, e);
+    return e;
+  };
+  const stager = new RestoreStager(hasherReader(store.hasher), log);
+  const lifecycle = new Lifecycle({
+    config,
+    log,
+    store,
+    records,
+    engine,
+    stager,
+    gpuIdentity: async () => null,
+  });
+  return { config, log, store, records, engine, lifecycle };
+}
+
+export function tmpDirOf(config: ThawConfig): string {
+  return join(config.stateDir, 'tmp');
+}
