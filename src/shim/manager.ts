@@ -114,7 +114,7 @@ export async function start(opts: StartOptions): Promise<StartResult> {
   const pid = child.pid!;
   await writeAtomic(path.join(bundle, BUNDLE_FILES.address), address);
   await writeAtomic(path.join(bundle, BUNDLE_FILES.shimPid), String(pid));
-  logged.info({ address, pid }, 'shim server started');
+  logged.info({ address, shimPid: pid }, 'shim server started');
   return { address, pid, reply };
 }
 

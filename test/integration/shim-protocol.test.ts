@@ -7,7 +7,7 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { chmod, copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -65,6 +65,20 @@ async function until(cond: () => boolean | Promise<boolean>, timeoutMs: number, 
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 100));
   }
+}
+
+/** Whether a `containerd-shim-thaw-v2 … -id ID … delete` process is running. */
+function deleteRunning(id: string): boolean {
+  for (const pid of readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
+    let argv: string[];
+    try {
+      argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    } catch {
+      continue;
+    }
+    if (argv.some((a) => a.endsWith(SHIM)) && argv.includes(id) && argv.includes('delete')) return true;
+  }
+  return false;
 }
 
 function alive(pid: number): boolean {
@@ -338,6 +352,16 @@ async function main(): Promise<void> {
     }
     await until(() => !alive(shimPid), 10_000, 'the shim server to exit');
     t.notOk(existsSync(address.slice('unix://'.length)), 'socket removed on shutdown');
+    t.ok(ctdLog.join('').includes('"msg":"shim serving"'), "the server's log reached containerd through the bundle's log FIFO");
+    // Once the server is gone containerd treats the shim as dead and runs our `delete` verb. The
+    // task never existed, so containerd publishes no TaskExit; a failure would be logged as
+    // "failed to delete" (exec or exit status) or "failed to clean up after shim disconnected"
+    // (e.g. stdout not a DeleteResponse).
+    await until(() => ctdLog.join('').includes('cleaning up dead shim'), 20_000, 'containerd to clean up the dead shim');
+    await new Promise((r) => setTimeout(r, 3000));
+    await until(() => !deleteRunning(id), 20_000, 'our delete verb to finish');
+    const cleanupErrors = ctdLog.join('').split('\n').filter((l) => /failed to delete|failed to clean up after shim/.test(l));
+    t.same(cleanupErrors, [], 'containerd ran our delete verb without error');
     await ctr(['containers', 'rm', id]);
   });
 }
