@@ -19,6 +19,13 @@ export interface ThawConfig {
     /** GC bound for the whole store in bytes; null = unbounded. */
     maxBytes: number | null;
   };
+  snapshot: {
+    /**
+     * Env var names left out of the compatibility key: their values differ per replica (CRI sets
+     * HOSTNAME to the pod name) and a restored process keeps its old values anyway.
+     */
+    ignoreEnv: string[];
+  };
   /** Default engine; per container the annotation `thaw.dev/engine` overrides it. */
   engine: EngineChoice;
   runsc: {
@@ -67,6 +74,7 @@ export interface ThawConfig {
 export const defaultConfig: ThawConfig = Object.freeze({
   stateDir: '/run/thaw',
   store: { path: '/var/lib/thaw/snapshots', maxBytes: null },
+  snapshot: { ignoreEnv: ['HOSTNAME'] },
   engine: 'gvisor',
   runsc: { path: 'runsc', platform: 'systrap', network: 'none', debugLogDir: null, flags: {} },
   runc: { path: 'runc', criuPath: '/opt/thaw/criu/bin/criu' },
@@ -98,6 +106,9 @@ export function resolveConfig(input: unknown, source = 'config'): ThawConfig {
   for (const [k, v] of Object.entries(c.runsc.flags)) {
     if (typeof v !== 'string') throw invalid(source, `runsc.flags.${k}`, 'must be a string');
     if (!/^[a-z][a-z0-9-]*$/.test(k)) throw invalid(source, `runsc.flags.${k}`, 'is not a runsc flag name');
+  }
+  if (!Array.isArray(c.snapshot.ignoreEnv) || !c.snapshot.ignoreEnv.every((e) => typeof e === 'string')) {
+    throw invalid(source, 'snapshot.ignoreEnv', 'must be an array of strings');
   }
   if (c.store.maxBytes !== null && (!Number.isSafeInteger(c.store.maxBytes) || c.store.maxBytes < 0)) {
     throw invalid(source, 'store.maxBytes', 'must be a non-negative integer or null');

@@ -93,6 +93,7 @@ export class Lifecycle {
         bundle: request.bundle,
         engine: { name: engine.name, identity: await engine.identity() },
         gpu: await this.deps.gpuIdentity(),
+        ignoreEnv: this.deps.config.snapshot.ignoreEnv,
       }),
     );
     const key = computeKey(keyInputs);
@@ -105,15 +106,17 @@ export class Lifecycle {
   }
 
   async #lookup(key: string): Promise<SnapshotLookup> {
-    const snap = await this.deps.store.get(key);
-    if (!snap) return { state: 'missing' };
     // Full byte verification happens while staging; here only what is cheap (manifest, sizes).
+    let bytes: number;
     try {
+      const snap = await this.deps.store.get(key);
+      if (!snap) return { state: 'missing' };
+      bytes = snap.manifest.totalBytes;
       await this.deps.store.verify(key, { quick: true });
     } catch (err) {
       return { state: 'invalid', key, reason: asShimError(err).message };
     }
-    return { state: 'verified', key, bytes: snap.manifest.totalBytes };
+    return { state: 'verified', key, bytes };
   }
 
   /** Creates the container. For a restore, also starts staging the image while the sandbox comes up. */
@@ -188,6 +191,7 @@ export class Lifecycle {
       createdAt: new Date().toISOString(),
       pid: state.pid,
       timings: timer.timings,
+      keyInputs: plan.keyInputs,
     };
     await this.deps.records.save(record);
     return { record, state };
@@ -224,13 +228,9 @@ export class Lifecycle {
     const engine = this.engineOf(record);
     if (!engine) throw new ShimError('FailedPrecondition', `engine ${record.engine} is not available`);
     const timer = new PhaseTimer(this.deps.log);
-    const spec = await readBundleSpec(record.bundle);
-    const keyInputs = await collectKeyInputs({
-      spec,
-      bundle: record.bundle,
-      engine: { name: engine.name, identity: await engine.identity() },
-      gpu: await this.deps.gpuIdentity(),
-    });
+    // The inputs computed at start: the rootfs may have changed since (writes by the app), and
+    // the snapshot must land under the key the next start of this bundle computes.
+    const keyInputs = record.keyInputs;
     const key = computeKey(keyInputs);
     await using pending = await this.deps.store.begin(key);
     await timer.phase('checkpoint', () => engine.checkpoint(id, { imageDir: pending.imageDir, leaveRunning: opts.leaveRunning }));

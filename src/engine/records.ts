@@ -2,6 +2,7 @@ import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promise
 import { join } from 'node:path';
 import { ShimError } from '../errors.js';
 import type { EngineName } from './engine.js';
+import type { KeyInputs } from '../snapshot/key.js';
 
 /**
  * What thaw remembers about each container it runs, shared by the CLI and the shim (same state
@@ -25,6 +26,8 @@ export interface ContainerRecord {
   /** Host pid of the init process (gVisor: sandbox) when known. */
   pid: number;
   timings: Record<string, number>;
+  /** Inputs of `key` as computed at start; checkpoints reuse them. */
+  keyInputs: KeyInputs;
 }
 
 export class ContainerRecords {
