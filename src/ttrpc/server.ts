@@ -202,7 +202,13 @@ class ServerConnection {
       this.socket.destroy();
       return;
     }
-    for (const frame of frames) this.#onFrame(frame);
+    try {
+      for (const frame of frames) this.#onFrame(frame);
+    } catch (err) {
+      // A bug here must cost this connection only, never the whole shim.
+      this.log.error({ err }, 'closing ttrpc connection: unexpected error handling a frame');
+      this.socket.destroy();
+    }
   }
 
   #onFrame(frame: Frame): void {
