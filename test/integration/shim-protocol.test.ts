@@ -13,7 +13,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { gzipSync } from 'node:zlib';
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { create, fromBinary } from '@bufbuild/protobuf';
 import { TaskOOMSchema } from '../../src/gen/containerd/events/task_pb.js';
 import { DeleteResponseSchema, Task } from '../../src/gen/containerd/task/v2/shim_pb.js';
@@ -176,14 +176,9 @@ async function buildImage(dir: string, name: string): Promise<string> {
   return imageTar;
 }
 
-const reason = missing();
-if (reason) {
-  t.skip(`shim protocol against containerd: ${reason}`);
-} else {
-  await main();
-}
+t.test('shim protocol against containerd', { skip: missing() ?? false }, main);
 
-async function main(): Promise<void> {
+async function main(t: Test): Promise<void> {
   await mkdir(path.join(repo, 'tmp'), { recursive: true });
   const work = await mkdtemp(path.join(repo, 'tmp', 'shim-it-'));
   const ctd = await mkdtemp(path.join(os.tmpdir(), 'thaw-ctd-'));
@@ -225,8 +220,12 @@ async function main(): Promise<void> {
       .reverse();
     for (const m of mounts) spawnSync('umount', ['-l', m]);
     for (const s of sockets) await rm(s, { force: true });
+    // ctr's stdio FIFOs (global dir): only new ones named after our containers.
     if (existsSync('/run/containerd/fifo')) {
-      for (const d of readdirSync('/run/containerd/fifo')) if (!fifosBefore.has(d)) await rm(path.join('/run/containerd/fifo', d), { recursive: true, force: true });
+      for (const d of readdirSync('/run/containerd/fifo')) {
+        const dir = path.join('/run/containerd/fifo', d);
+        if (!fifosBefore.has(d) && readdirSync(dir).some((f) => f.startsWith('thaw-it-'))) await rm(dir, { recursive: true, force: true });
+      }
     }
     await rm(ctd, { recursive: true, force: true });
     await rm(work, { recursive: true, force: true });
