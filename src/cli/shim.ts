@@ -60,10 +60,11 @@ async function runStart(flags: ShimFlags): Promise<number> {
 async function runDelete(flags: ShimFlags): Promise<number> {
   const { deleteDeadShim } = await import('../shim/manager.js');
   const { createLogger } = await import('../log/logger.js');
-  // Seam for the Task owner: pass `cleanupDeadTask` (sandbox, mounts) here once it exists.
+  const { cleanupDeadTaskWith } = await import('../task/dead-task.js');
   const reply = await deleteDeadShim({
     flags,
     bundle: flags.bundle || process.cwd(),
+    cleanupDeadTask: cleanupDeadTaskWith(flags.configPath || undefined),
     log: createLogger({ destination: 2, level: flags.debug ? 'debug' : 'info', name: BINARY }),
   });
   await writeStdout(reply);
@@ -74,8 +75,7 @@ async function runServe(flags: ShimFlags): Promise<never> {
   const { serve } = await import('../shim/serve.js');
   const { READY_FD_ENV } = await import('../shim/manager.js');
   const { createLogger } = await import('../log/logger.js');
-  // Seam for the Task owner: swap in '../task/service.js' (same CreateTaskService signature).
-  const { createTaskService } = await import('../shim/stub-task-service.js');
+  const { createTaskService } = await import('../task/service.js');
   const readyFd = Number.parseInt(process.env[READY_FD_ENV] ?? '', 10);
   delete process.env[READY_FD_ENV]; // not for runsc and other children
   // stdout/stderr are the bundle's log FIFO (or /dev/null), as `start` set them up.

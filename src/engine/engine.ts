@@ -50,6 +50,14 @@ export interface ExecOptions {
   signal?: AbortSignal;
 }
 
+/** A process started by `exec`: its host pid, its exit, and a way to signal it. */
+export interface ExecHandle {
+  pid: number;
+  /** Resolves when the exec'd process exits (from the runtime, not from reaping). */
+  exited: Promise<ExitResult>;
+  kill(signal: number): Promise<void>;
+}
+
 export interface ExitResult {
   exitStatus: number;
   exitedAt: Date;
@@ -106,7 +114,7 @@ export interface Engine {
   delete(id: string, opts?: { force?: boolean }): Promise<void>;
   /** Host pids of the container's processes (native) or sandbox-internal pids (gVisor). */
   ps(id: string): Promise<number[]>;
-  exec(id: string, opts: ExecOptions): Promise<{ pid: number }>;
+  exec(id: string, opts: ExecOptions): Promise<ExecHandle>;
   pause(id: string): Promise<void>;
   resume(id: string): Promise<void>;
   stats(id: string): Promise<ResourceStats>;

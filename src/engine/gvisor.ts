@@ -12,6 +12,7 @@ import type {
   Engine,
   EngineIdentity,
   EngineState,
+  ExecHandle,
   ExecOptions,
   ExitResult,
   ResourceStats,
@@ -154,14 +155,20 @@ export class GvisorEngine implements Engine {
     return this.runsc.ps(this.#rid(id));
   }
 
-  async exec(id: string, opts: ExecOptions): Promise<{ pid: number }> {
-    const r = await this.runsc.exec(this.#rid(id), {
+  async exec(id: string, opts: ExecOptions): Promise<ExecHandle> {
+    const rid = this.#rid(id);
+    const r = await this.runsc.exec(rid, {
       process: opts.process,
       stdio: opts.stdio,
       consoleSocket: opts.consoleSocket,
       signal: opts.signal,
     });
-    return { pid: r.pid };
+    // runsc's waiter process (r.pid) exits with the process's status; `wait --pid` reports it too.
+    const exited = this.runsc
+      .wait(rid, { pid: r.internalPid, timeoutMs: 0 })
+      .then((exitStatus) => ({ exitStatus, exitedAt: new Date() }));
+    exited.catch(() => undefined);
+    return { pid: r.pid, exited, kill: (signal) => this.runsc.kill(rid, signal, { pid: r.internalPid }) };
   }
 
   async pause(id: string): Promise<void> {

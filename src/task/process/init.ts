@@ -1,0 +1,143 @@
+import type { Logger } from '../../log/logger.js';
+import type { Engine } from '../../engine/engine.js';
+import type { CheckpointResult, Lifecycle, Prepared } from '../../engine/lifecycle.js';
+import type { ContainerRecord } from '../../engine/records.js';
+import type { OpenStdio, StdioRequest } from '../stdio.js';
+import { CreatedFromSnapshotState, CreatedState, type InitState } from './init-state.js';
+import { ExitLatch, type ExitInfo, type Process, type ProcessStatus } from './process.js';
+
+export interface InitProcessOptions {
+  id: string;
+  namespace: string;
+  bundle: string;
+  prepared: Prepared;
+  engine: Engine;
+  lifecycle: Lifecycle;
+  io: OpenStdio;
+  stdio: StdioRequest;
+  log: Logger;
+  /** Called once with the exit, after the state moved to stopped (the service publishes TaskExit). */
+  onExit: (p: InitProcess, exit: ExitInfo) => void;
+}
+
+/**
+ * The container's init process. Operations go to the current state object; the runtime's own
+ * wait (started right after the app starts) moves it to stopped.
+ */
+export class InitProcess implements Process {
+  readonly execId = '';
+  readonly id: string;
+  readonly namespace: string;
+  readonly bundle: string;
+  readonly engine: Engine;
+  readonly stdio: StdioRequest;
+  #state: InitState;
+  #pid: number;
+  #record: ContainerRecord | undefined;
+  readonly #latch = new ExitLatch();
+  readonly #o: InitProcessOptions;
+
+  constructor(o: InitProcessOptions) {
+    this.#o = o;
+    this.id = o.id;
+    this.namespace = o.namespace;
+    this.bundle = o.bundle;
+    this.engine = o.engine;
+    this.stdio = o.stdio;
+    this.#pid = o.prepared.kind === 'cold' ? o.prepared.state.pid : 0;
+    this.#state = o.prepared.kind === 'restore' ? new CreatedFromSnapshotState(this, o.prepared) : new CreatedState(this, o.prepared);
+  }
+
+  get status(): ProcessStatus {
+    return this.#state.status;
+  }
+  get pid(): number {
+    return this.#pid;
+  }
+  get exit(): ExitInfo | undefined {
+    return this.#latch.exit;
+  }
+  get record(): ContainerRecord | undefined {
+    return this.#record;
+  }
+  /** What Create decided (shown in logs and `thaw ps`). */
+  get decision(): Prepared['kind'] {
+    return this.#o.prepared.kind;
+  }
+
+  transition(next: InitState): void {
+    this.#o.log.debug({ id: this.id, from: this.#state.status, to: next.status }, 'init state');
+    this.#state = next;
+  }
+
+  async start(): Promise<number> {
+    await this.#state.start();
+    return this.#pid;
+  }
+  pause(): Promise<void> {
+    return this.#state.pause();
+  }
+  resume(): Promise<void> {
+    return this.#state.resume();
+  }
+  kill(signal: number, all: boolean): Promise<void> {
+    return this.#state.kill(signal, all);
+  }
+  checkpoint(leaveRunning: boolean): Promise<CheckpointResult> {
+    return this.#state.checkpoint(leaveRunning);
+  }
+  assertCanExec(): void {
+    this.#state.exec();
+  }
+  wait(): Promise<ExitInfo> {
+    return this.#latch.promise;
+  }
+  async delete(): Promise<ExitInfo> {
+    await this.#state.delete();
+    await this.#o.io.close();
+    return this.#latch.exit ?? { status: 0, at: new Date() };
+  }
+  closeStdin(): Promise<void> {
+    return this.#o.io.closeStdin();
+  }
+
+  // ---- used by the states ----
+
+  /** Starts or restores the app (lifecycle decides by the prepared kind), then watches for its exit. */
+  async launch(prepared: Prepared): Promise<void> {
+    const started = await this.#o.lifecycle.start(prepared);
+    this.#record = started.record;
+    this.#pid = started.state.pid;
+    this.#watchExit();
+  }
+
+  #watchExit(): void {
+    this.engine.wait(this.id).then(
+      (r) => this.#exited({ status: r.exitStatus, at: r.exitedAt }),
+      (err: unknown) => {
+        // runsc cannot report the status once the sandbox is gone (e.g. after a checkpoint).
+        this.#o.log.warn({ id: this.id, err }, 'wait failed; reporting exit 255');
+        this.#exited({ status: 255, at: new Date() });
+      },
+    );
+  }
+
+  #exited(exit: ExitInfo): void {
+    if (!this.#latch.set(exit)) return;
+    this.#state.exited();
+    this.#o.onExit(this, exit);
+  }
+
+  engineKill(signal: number, all: boolean): Promise<void> {
+    return this.engine.kill(this.id, signal, all);
+  }
+
+  async engineDelete(): Promise<void> {
+    await this.engine.delete(this.id, { force: true });
+    if (!this.#latch.exit) this.#latch.set({ status: 255, at: new Date() });
+  }
+
+  checkpointInto(leaveRunning: boolean): Promise<CheckpointResult> {
+    return this.#o.lifecycle.checkpoint(this.id, this.namespace, { leaveRunning });
+  }
+}

@@ -1,0 +1,315 @@
+import { create } from '@bufbuild/protobuf';
+import { link, mkdir, readdir, copyFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Cleanup } from '../cleanup.js';
+import { loadConfig } from '../config/config.js';
+import { ShimError, isShimError } from '../errors.js';
+import { openRuntime, type Runtime } from '../engine/runtime.js';
+import {
+  TaskCheckpointedSchema,
+  TaskCreateSchema,
+  TaskDeleteSchema,
+  TaskExecAddedSchema,
+  TaskExecStartedSchema,
+  TaskExitSchema,
+  TaskPausedSchema,
+  TaskResumedSchema,
+  TaskStartSchema,
+} from '../gen/containerd/events/task_pb.js';
+import { CheckpointOptionsSchema } from '../gen/containerd/runc/v1/options_pb.js';
+import { Status } from '../gen/containerd/v1/types/task_pb.js';
+import { MetricsSchema } from '../gen/io/containerd/cgroups/v1/metrics_pb.js';
+import type { CreateTaskService, TaskServiceContext, TaskServiceImpl } from '../shim/serve.js';
+import { topicOf, type TaskEvent } from './publisher.js';
+import { packAny, unpackAny } from '../wire/any.js';
+import { toTimestamp } from '../wire/timestamp.js';
+import { Container } from './container.js';
+import { InitProcess } from './process/init.js';
+import { ExecProcess } from './process/exec.js';
+import type { ExitInfo, Process, ProcessStatus } from './process/process.js';
+import { mountRootfs, unmountRootfs } from './rootfs.js';
+import { OpenStdio } from './stdio.js';
+
+const STATUS: Record<ProcessStatus, Status> = {
+  created: Status.CREATED,
+  running: Status.RUNNING,
+  paused: Status.PAUSED,
+  stopped: Status.STOPPED,
+  deleted: Status.STOPPED,
+};
+
+/**
+ * containerd's Task service for thaw. Each handler looks the container up, calls one method on it,
+ * queues an event and returns; errors become wire statuses in ttrpc/status.ts. The boot-vs-restore
+ * decision is taken at Create (Lifecycle.plan/create) and acted on at Start.
+ */
+export const createTaskService: CreateTaskService = async (ctx) => {
+  const config = await loadConfig(ctx.configPath);
+  const runtime = await openRuntime(config, ctx.log);
+  return new TaskService(ctx, runtime).handlers();
+};
+
+export class TaskService {
+  /** Invariant: keyed by container id; an entry exists from Create until its Delete returns. */
+  readonly #containers = new Map<string, Container>();
+
+  constructor(
+    private readonly ctx: TaskServiceContext,
+    private readonly rt: Runtime,
+  ) {}
+
+  #get(id: string): Container {
+    const c = this.#containers.get(id);
+    if (!c) throw new ShimError('NotFound', `container ${id} not found`);
+    return c;
+  }
+
+  #publish(event: TaskEvent): void {
+    this.ctx.publisher.publish(topicOf(event), event);
+  }
+
+  #onExit = (p: Process, exit: ExitInfo): void => {
+    this.#publish(
+      create(TaskExitSchema, {
+        containerId: p.id,
+        id: p.execId || p.id,
+        pid: p.pid,
+        exitStatus: exit.status,
+        exitedAt: toTimestamp(exit.at),
+      }),
+    );
+  };
+
+  handlers(): TaskServiceImpl {
+    return {
+      create: async (req) => {
+        if (this.#containers.has(req.id)) throw new ShimError('AlreadyExists', `container ${req.id} already exists`);
+        const log = this.ctx.log.child({ id: req.id });
+        await using cleanup = new Cleanup((f) => log.warn({ err: f.err, step: f.name }, 'undo failed'));
+        const rootfsTarget = await mountRootfs(req.bundle, req.rootfs);
+        if (rootfsTarget) cleanup.add('unmount rootfs', () => unmountRootfs(rootfsTarget));
+        const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal };
+        const io = await OpenStdio.open(stdio);
+        cleanup.add('close stdio', () => io.close());
+        const lifecycle = this.rt.lifecycle;
+        const plan = await lifecycle.plan({
+          id: req.id,
+          namespace: this.ctx.namespace,
+          bundle: req.bundle,
+          stdio: io.fds,
+          owner: 'shim',
+        });
+        const prepared = await lifecycle.create(plan);
+        cleanup.add('delete container', () => plan.engine.delete(req.id, { force: true }));
+        const init = new InitProcess({
+          id: req.id,
+          namespace: this.ctx.namespace,
+          bundle: req.bundle,
+          prepared,
+          engine: plan.engine,
+          lifecycle,
+          io,
+          stdio,
+          log,
+          onExit: this.#onExit,
+        });
+        this.#containers.set(req.id, new Container(req.id, this.ctx.namespace, req.bundle, init, rootfsTarget));
+        cleanup.release();
+        this.#publish(
+          create(TaskCreateSchema, {
+            containerId: req.id,
+            bundle: req.bundle,
+            rootfs: req.rootfs,
+            io: { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal },
+            checkpoint: req.checkpoint,
+            pid: init.pid,
+          }),
+        );
+        return { pid: init.pid };
+      },
+
+      start: async (req) => {
+        const c = this.#get(req.id);
+        const p = c.process(req.execId);
+        const pid = await p.start();
+        if (req.execId === '') this.#publish(create(TaskStartSchema, { containerId: req.id, pid }));
+        else this.#publish(create(TaskExecStartedSchema, { containerId: req.id, execId: req.execId, pid }));
+        return { pid };
+      },
+
+      state: (req) => {
+        const c = this.#get(req.id);
+        const p = c.process(req.execId);
+        return {
+          id: p.execId || p.id,
+          bundle: c.bundle,
+          pid: p.pid,
+          status: STATUS[p.status],
+          stdin: p.stdio.stdin,
+          stdout: p.stdio.stdout,
+          stderr: p.stdio.stderr,
+          terminal: p.stdio.terminal,
+          exitStatus: p.exit?.status ?? 0,
+          exitedAt: p.exit ? toTimestamp(p.exit.at) : undefined,
+          execId: req.execId,
+        };
+      },
+
+      wait: async (req) => {
+        const exit = await this.#get(req.id).process(req.execId).wait();
+        return { exitStatus: exit.status, exitedAt: toTimestamp(exit.at) };
+      },
+
+      kill: async (req) => {
+        await this.#get(req.id).process(req.execId).kill(req.signal, req.all);
+        return {};
+      },
+
+      delete: async (req) => {
+        const c = this.#get(req.id);
+        if (req.execId !== '') {
+          const p = c.exec(req.execId);
+          const exit = await p.delete();
+          c.execs.delete(req.execId);
+          return { pid: p.pid, exitStatus: exit.status, exitedAt: toTimestamp(exit.at) };
+        }
+        const exit = await c.init.delete();
+        if (c.rootfsTarget) await unmountRootfs(c.rootfsTarget);
+        await this.rt.records.remove(c.id, c.namespace);
+        this.#containers.delete(c.id);
+        this.#publish(
+          create(TaskDeleteSchema, { containerId: c.id, id: c.id, pid: c.init.pid, exitStatus: exit.status, exitedAt: toTimestamp(exit.at) }),
+        );
+        return { pid: c.init.pid, exitStatus: exit.status, exitedAt: toTimestamp(exit.at) };
+      },
+
+      exec: async (req) => {
+        const c = this.#get(req.id);
+        c.init.assertCanExec();
+        if (req.execId === '' || c.execs.has(req.execId)) {
+          throw new ShimError('AlreadyExists', `exec ${JSON.stringify(req.execId)} already exists in container ${req.id}`);
+        }
+        const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal };
+        const io = await OpenStdio.open(stdio);
+        const spec = processSpecOf(req.spec?.value);
+        c.execs.set(
+          req.execId,
+          new ExecProcess({ id: req.id, execId: req.execId, engine: c.init.engine, spec, io, stdio, log: this.ctx.log, onExit: this.#onExit }),
+        );
+        this.#publish(create(TaskExecAddedSchema, { containerId: req.id, execId: req.execId }));
+        return {};
+      },
+
+      pids: async (req) => {
+        const c = this.#get(req.id);
+        const pids = await c.init.engine.ps(c.id);
+        return { processes: pids.map((pid) => ({ pid })) };
+      },
+
+      pause: async (req) => {
+        await this.#get(req.id).init.pause();
+        this.#publish(create(TaskPausedSchema, { containerId: req.id }));
+        return {};
+      },
+
+      resume: async (req) => {
+        await this.#get(req.id).init.resume();
+        this.#publish(create(TaskResumedSchema, { containerId: req.id }));
+        return {};
+      },
+
+      checkpoint: async (req) => {
+        const c = this.#get(req.id);
+        const opts = req.options ? unpackAny(req.options, CheckpointOptionsSchema) : undefined;
+        const target = opts?.imagePath || req.path;
+        const leaveRunning = !(opts?.exit ?? false);
+        await this.#checkpoint(c, target, leaveRunning);
+        this.#publish(create(TaskCheckpointedSchema, { containerId: req.id, checkpoint: target }));
+        return {};
+      },
+
+      closeIO: async (req) => {
+        if (req.stdin) await this.#get(req.id).process(req.execId).closeStdin();
+        return {};
+      },
+
+      resizePty: (req) => {
+        this.#get(req.id);
+        throw new ShimError('NotImplemented', 'thaw tasks have no terminal: ResizePty is not supported');
+      },
+
+      update: (req) => {
+        this.#get(req.id);
+        throw new ShimError('NotImplemented', 'resource updates of running thaw tasks are not supported');
+      },
+
+      stats: async (req) => {
+        const c = this.#get(req.id);
+        const s = await c.init.engine.stats(c.id);
+        const big = (n: number | undefined): bigint => BigInt(Math.max(0, Math.trunc(n ?? 0)));
+        const metrics = create(MetricsSchema, {
+          pids: { current: big(s.pids) },
+          cpu: { usage: { total: big(s.cpuUsageNanos) } },
+          memory: { usage: { usage: big(s.memoryUsageBytes), limit: big(s.memoryLimitBytes) } },
+        });
+        return { stats: packAny(MetricsSchema, metrics) };
+      },
+
+      connect: (req) => {
+        const c = this.#containers.get(req.id);
+        return { shimPid: process.pid, taskPid: c?.init.pid ?? 0, version: this.ctx.version };
+      },
+
+      shutdown: () => {
+        if (this.#containers.size === 0) setImmediate(() => void this.ctx.shutdown.shutdown('Shutdown RPC'));
+        return {};
+      },
+    };
+  }
+
+  /**
+   * Task.Checkpoint: commits the snapshot into thaw's store under the container's key (so the next
+   * Create of that image restores) and puts the runtime image where containerd asked. If the key
+   * already has a snapshot, the image for containerd is written directly.
+   */
+  async #checkpoint(c: Container, target: string, leaveRunning: boolean): Promise<void> {
+    await mkdir(target, { recursive: true });
+    try {
+      const r = await c.init.checkpoint(leaveRunning);
+      const snap = await this.rt.store.get(r.snapshot);
+      if (snap) await linkTree(snap.imageDir, target);
+    } catch (err) {
+      if (!isShimError(err, 'AlreadyExists')) throw err;
+      this.ctx.log.info({ id: c.id }, 'snapshot for this key exists; writing the image for containerd only');
+      await c.init.engine.checkpoint(c.id, { imageDir: target, leaveRunning });
+    }
+  }
+}
+
+/** ExecProcessRequest.spec: an OCI runtime-spec Process as JSON inside the Any. */
+function processSpecOf(value: Uint8Array | undefined): Record<string, unknown> {
+  if (!value || value.length === 0) throw new ShimError('InvalidArgument', 'exec request has no process spec');
+  try {
+    const spec = JSON.parse(Buffer.from(value).toString('utf8')) as unknown;
+    if (typeof spec !== 'object' || spec === null || !Array.isArray((spec as { args?: unknown }).args)) {
+      throw new Error('no args');
+    }
+    return spec as Record<string, unknown>;
+  } catch (err) {
+    throw new ShimError('InvalidArgument', `exec process spec is not an OCI process: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+/** Hard-links (or copies across filesystems) every file of `src` into `dst`. */
+async function linkTree(src: string, dst: string): Promise<void> {
+  for (const e of await readdir(src, { withFileTypes: true })) {
+    const from = join(src, e.name);
+    const to = join(dst, e.name);
+    if (e.isDirectory()) {
+      await mkdir(to, { recursive: true });
+      await linkTree(from, to);
+    } else {
+      await link(from, to).catch(() => copyFile(from, to));
+    }
+  }
+}
