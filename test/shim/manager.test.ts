@@ -72,7 +72,9 @@ async function workspace(t: Test) {
 t.test('start launches a detached server that answers Connect; the group reuses it', async (t) => {
   const ws = await workspace(t);
   const b1 = await ws.bundle('c1', { 'io.kubernetes.cri.sandbox-id': 'pod1' });
-  const options = encodeAny(packAny(OptionsSchema, create(OptionsSchema, { configPath: '/etc/thaw/test.json' })));
+  const configPath = path.join(ws.root, 'thaw.json');
+  await writeFile(configPath, JSON.stringify({ stateDir: path.join(ws.root, 'state'), store: { path: path.join(ws.root, 'store') } }));
+  const options = encodeAny(packAny(OptionsSchema, create(OptionsSchema, { configPath })));
   const first = await start({ flags: { ...flags, id: 'c1' }, stdin: options, bundle: b1, env, socketDir: ws.socketDir, serveCommand, readyTimeoutMs: READY_MS });
   ws.track(first.pid);
   t.match(first.address, new RegExp(`^unix://${ws.socketDir}/[0-9a-f]{64}$`));
@@ -84,7 +86,7 @@ t.test('start launches a detached server that answers Connect; the group reuses 
   const stat = (await readFile(`/proc/${pid}/stat`, 'utf8')).split(') ')[1]!.split(' ');
   t.equal(Number(stat[3]), pid, 'server is its own session leader (setsid)');
   const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0');
-  t.equal(argv[argv.indexOf('-config-path') + 1], '/etc/thaw/test.json', 'config_path handed to serve');
+  t.equal(argv[argv.indexOf('-config-path') + 1], configPath, 'config_path handed to serve');
   t.equal(argv[argv.indexOf('-socket') + 1], socketPathOf(first.address));
 
   const client = await TtrpcClient.connect(first.address);
@@ -92,7 +94,12 @@ t.test('start launches a detached server that answers Connect; the group reuses 
   const task = client.service(Task);
   const connected = await task.connect({ id: 'c1' });
   t.equal(connected.shimPid, pid);
-  await t.rejects(task.create({ id: 'c1' }), { code: 'NotImplemented', grpcCode: 12 }, 'stub Task service: Create is Unimplemented');
+  await t.rejects(
+    task.create({ id: 'c1', bundle: path.join(ws.root, 'no-such-bundle') }),
+    { code: 'NotFound', grpcCode: 5 },
+    'Create of a bundle without config.json is NotFound, and the server keeps serving',
+  );
+  t.equal((await task.connect({ id: 'c1' })).shimPid, pid);
 
   const b2 = await ws.bundle('c2', { 'io.kubernetes.cri.sandbox-id': 'pod1' });
   const second = await start({ flags: { ...flags, id: 'c2' }, stdin: new Uint8Array(0), bundle: b2, env, socketDir: ws.socketDir, serveCommand, readyTimeoutMs: READY_MS });
