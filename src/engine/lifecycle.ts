@@ -6,7 +6,7 @@ import { readBundleSpec, type OciSpec } from '../bundle/bundle.js';
 import { decide, type Decision, type SnapshotLookup } from '../policy/decide.js';
 import type { ThawConfig } from '../config/config.js';
 import type { SnapshotStore } from '../snapshot/store.js';
-import { collectKeyInputs, computeKey, type KeyInputs } from '../snapshot/key.js';
+import { collectKeyInputs, computeKey, type GpuIdentity, type KeyInputs } from '../snapshot/key.js';
 import type { RestoreStager, StageResult } from '../restore/engine.js';
 import type { ContainerRecords, ContainerRecord } from './records.js';
 import type { Engine, EngineName, EngineState, StdioFds } from './engine.js';
@@ -64,7 +64,7 @@ export interface LifecycleDeps {
   engine: (name: EngineName, namespace: string) => Engine | undefined;
   stager: RestoreStager;
   /** GPU identity for the key (null when the host has no GPU). */
-  gpuIdentity: () => Promise<Record<string, string> | null>;
+  gpuIdentity: () => Promise<GpuIdentity | null>;
 }
 
 export class Lifecycle {

@@ -6,6 +6,7 @@ import { RestoreStager, hasherReader } from '../restore/engine.js';
 import { ContainerRecords } from './records.js';
 import { GvisorEngine } from './gvisor.js';
 import { Lifecycle } from './lifecycle.js';
+import { probeGpuIdentity } from '../gpu/probe.js';
 import type { Engine, EngineName } from './engine.js';
 
 /**
@@ -40,11 +41,17 @@ export async function openRuntime(config: ThawConfig, log: Logger): Promise<Runt
     records,
     engine,
     stager,
-    gpuIdentity: async () => null,
+    gpuIdentity: once(() => (config.gpu.mode === 'off' ? Promise.resolve(null) : probeGpuIdentity())),
   });
   return { config, log, store, records, engine, lifecycle };
 }
 
 export function tmpDirOf(config: ThawConfig): string {
   return join(config.stateDir, 'tmp');
+}
+
+/** Caches a probe for the life of the runtime (the GPU inventory does not change under a shim). */
+function once<T>(fn: () => Promise<T>): () => Promise<T> {
+  let p: Promise<T> | undefined;
+  return () => (p ??= fn());
 }
