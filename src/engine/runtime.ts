@@ -2,7 +2,8 @@ import { join } from 'node:path';
 import type { Logger } from '../log/logger.js';
 import type { ThawConfig } from '../config/config.js';
 import { SnapshotStore } from '../snapshot/store.js';
-import { RestoreStager, hasherReader } from '../restore/engine.js';
+import { RestoreStager } from '../restore/engine.js';
+import { ioFileHasher, ioStageReader, openIo } from '../restore/io.js';
 import { ContainerRecords } from './records.js';
 import { GvisorEngine } from './gvisor.js';
 import { Lifecycle } from './lifecycle.js';
@@ -23,7 +24,9 @@ export interface Runtime {
 }
 
 export async function openRuntime(config: ThawConfig, log: Logger): Promise<Runtime> {
-  const store = await SnapshotStore.open({ root: config.store.path, log });
+  // One I/O backend (io_uring → AIO → pread → TypeScript) hashes commits and stages restores.
+  const io = openIo({ backend: config.restore.ioBackend, log });
+  const store = await SnapshotStore.open({ root: config.store.path, log, hasher: ioFileHasher(io) });
   const records = await ContainerRecords.open(config.stateDir);
   const cache = new Map<string, Engine>();
   const engine = (name: EngineName, namespace: string): Engine | undefined => {
@@ -33,7 +36,7 @@ export async function openRuntime(config: ThawConfig, log: Logger): Promise<Runt
     if (e) cache.set(k, e);
     return e;
   };
-  const stager = new RestoreStager(hasherReader(store.hasher), log);
+  const stager = new RestoreStager(ioStageReader(io), log);
   const lifecycle = new Lifecycle({
     config,
     log,
