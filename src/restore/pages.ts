@@ -1,0 +1,519 @@
+import { availableParallelism } from 'node:os';
+import { join } from 'node:path';
+import { rm } from 'node:fs/promises';
+import { ShimError, type ErrorCode } from '../errors.js';
+import { silentLogger, type Logger } from '../log/logger.js';
+import { XXH64, xxh64Hex } from '../snapshot/hash.js';
+import type { ManifestFile } from '../snapshot/manifest.js';
+import {
+  PAGE_SIZE,
+  PagesUnsupportedError,
+  listImagePids,
+  planPages,
+  readTaskImages,
+  type FillOrder,
+  type PagePlan,
+} from './pages-image.js';
+import {
+  errnoName,
+  fromUffdError,
+  loadUffdAddon,
+  uffdErrorCode,
+  type LazyMessage,
+  type NativeFillResult,
+  type UffdBinding,
+} from './pages-native.js';
+
+/**
+ * thaw's lazy-pages server: CRIU restores a process with `--lazy-pages` (everything but the
+ * private anonymous memory), hands each task's userfaultfd to this server over
+ * <work dir>/lazy-pages.socket, and the server fills that memory from pages-*.img with several
+ * threads while answering the app's page faults first (native/src/uffd.cc). CRIU's own
+ * `criu lazy-pages` does the same on one thread, which cannot keep ahead of a CUDA restore.
+ *
+ * The policy lives here: whether the image can be served at all, chunk size and order, how many
+ * threads, how the bytes are verified, and what a failure means. A failure before the restored
+ * process runs is an ordinary error (the caller restores without lazy pages); a failure after it
+ * runs kills the restored tasks through the caller's hook *before* the userfaultfds are closed —
+ * closing them first would let the app read zeros where its memory had not arrived yet.
+ */
+
+export const LAZY_PAGES_SOCKET = 'lazy-pages.socket';
+
+/** Which step failed. */
+export type PagePhase = 'prepare' | 'verify-before' | 'receive' | 'restore' | 'fill' | 'verify';
+
+export class PageServerError extends ShimError {
+  readonly phase: PagePhase;
+  /** Pids CRIU reported (namespace pids as in the image). */
+  readonly pids: readonly number[];
+  /** The restored tasks were killed (through the caller's hook) before the error was thrown. */
+  readonly killed: boolean;
+  constructor(
+    code: ErrorCode,
+    message: string,
+    fields: { phase: PagePhase; pids: readonly number[]; killed: boolean },
+    options: { cause?: unknown } = {},
+  ) {
+    super(code, message, options);
+    this.phase = fields.phase;
+    this.pids = fields.pids;
+    this.killed = fields.killed;
+  }
+}
+
+/** An expected checksum of one image file, by absolute path. */
+export interface ImageChecksum {
+  bytes: number;
+  hash: string;
+  algo: string;
+}
+
+/** The manifest's entries under `snapshotDir`, keyed by absolute path. */
+export function checksumsFromManifest(snapshotDir: string, files: readonly ManifestFile[]): Map<string, ImageChecksum> {
+  return new Map(files.map((f) => [join(snapshotDir, f.path), { bytes: f.bytes, hash: f.hash, algo: f.algo }]));
+}
+
+export interface LazyPagesOptions {
+  /** CRIU image directory (runc: the checkpoint's image path). */
+  imageDir: string;
+  /** CRIU's working directory — `criu restore -W`, `runc restore --work-path` — where CRIU connects to the socket. */
+  workDir: string;
+  /** Eager fill threads over all tasks (default: CPUs - 1, at most 8, at least 1). */
+  threads?: number;
+  /** Bytes per eager read + copy (default 1 MiB). */
+  chunkBytes?: number;
+  /** Bytes installed along with a faulting page (default 64 KiB). */
+  faultAheadBytes?: number;
+  order?: FillOrder;
+  /** O_DIRECT reads for the eager fill (cold images on a real disk; not on tmpfs). */
+  direct?: boolean;
+  /**
+   * Expected checksums of the image files (see checksumsFromManifest). With `verify` other than
+   * 'off' every file the server reads must be listed, else prepare() refuses.
+   */
+  checksums?: ReadonlyMap<string, ImageChecksum>;
+  /**
+   * 'concurrent' (default with checksums): pages files are hashed on their own thread while they
+   * are filled, and the restore counts as done only when the hashes match; 'before': hashed
+   * before CRIU starts (an extra read); 'off'.
+   */
+  verify?: 'concurrent' | 'before' | 'off';
+  /** For CRIU's connection and each message (default 60 s: a large restore sends uffds late). */
+  receiveTimeoutMs?: number;
+  /** For the whole fill (default 60 s + 100 MB/s of lazy bytes: far beyond any healthy fill). */
+  fillTimeoutMs?: number;
+  log?: Logger;
+  /** The addon (tests); default: loadUffdAddon(). */
+  binding?: UffdBinding;
+}
+
+export interface TaskPlan extends PagePlan {
+  pid: number;
+  pagesPath: string;
+}
+
+export interface LazyTaskResult {
+  pid: number;
+  lazyBytes: number;
+  threads: number;
+  native: NativeFillResult;
+}
+
+export interface LazyPagesResult {
+  pids: number[];
+  /** Bytes installed through userfaultfd (all tasks). */
+  bytes: number;
+  /** From CRIU's "restore finished" until every page was in (slowest task). */
+  fillMs: number;
+  /** From the start of serve() until verified. */
+  totalMs: number;
+  verified: boolean;
+  tasks: LazyTaskResult[];
+}
+
+/** Whether thaw can serve lazy pages here; the reason when not (the caller then restores plainly). */
+export function lazyPagesAvailable(binding?: UffdBinding): { ok: true; binding: UffdBinding } | { ok: false; reason: string } {
+  if (binding !== undefined) return { ok: true, binding };
+  const load = loadUffdAddon();
+  if (load.binding === null) return { ok: false, reason: `page server addon unavailable (${load.path}): ${load.error.message}` };
+  return { ok: true, binding: load.binding };
+}
+
+interface Received {
+  pid: number;
+  uffd: number;
+}
+
+/**
+ * One lazy restore's page server. prepare() reads and plans the images and listens; serve() takes
+ * CRIU's connection, fills every task and verifies; close() releases what is left. Use through
+ * startLazyRestore() unless you drive CRIU's steps yourself.
+ */
+export class LazyPageServer implements AsyncDisposable {
+  readonly socketPath: string;
+  readonly plans: ReadonlyMap<number, TaskPlan>;
+  readonly #b: UffdBinding;
+  readonly #opts: LazyPagesOptions;
+  readonly #log: Logger;
+  readonly #cancelFd: number;
+  #listenFd: number;
+  #clientFd = -1;
+  /** Userfaultfds we hold and have not closed (a failed fill leaves them to us). */
+  readonly #openUffds = new Set<number>();
+  readonly #received: Received[] = [];
+  #canceled = false;
+  #closed = false;
+  #timedOut = false;
+
+  private constructor(b: UffdBinding, opts: LazyPagesOptions, plans: Map<number, TaskPlan>, listenFd: number, cancelFd: number, socketPath: string) {
+    this.#b = b;
+    this.#opts = opts;
+    this.#log = opts.log ?? silentLogger;
+    this.plans = plans;
+    this.#listenFd = listenFd;
+    this.#cancelFd = cancelFd;
+    this.socketPath = socketPath;
+  }
+
+  /**
+   * Reads and checks the task images, plans the fill and listens on the socket. Throws
+   * PagesUnsupportedError (or SnapshotError for damaged images) before anything ran: the caller
+   * then restores without lazy pages.
+   */
+  static async prepare(opts: LazyPagesOptions): Promise<LazyPageServer> {
+    const avail = lazyPagesAvailable(opts.binding);
+    if (!avail.ok) throw new PagesUnsupportedError('FailedPrecondition', avail.reason, { path: opts.imageDir });
+    const b = avail.binding;
+    const log = opts.log ?? silentLogger;
+    const chunkBytes = opts.chunkBytes ?? 1 << 20;
+    if (chunkBytes % PAGE_SIZE !== 0 || chunkBytes <= 0) throw new RangeError('chunkBytes must be a positive multiple of 4096');
+    const verify = opts.checksums === undefined ? 'off' : (opts.verify ?? 'concurrent');
+    const pids = await listImagePids(opts.imageDir);
+    if (pids.length === 0) throw new PagesUnsupportedError('FailedPrecondition', `no pagemap images in ${opts.imageDir}`, { path: opts.imageDir });
+    const plans = new Map<number, TaskPlan>();
+    for (const pid of pids) {
+      const images = await readTaskImages(opts.imageDir, pid);
+      if (verify !== 'off') {
+        for (const [path, bytes] of images.raw) await checkSmallImage(path, bytes, opts.checksums);
+        requireChecksum(images.pagesPath, opts.checksums);
+      }
+      const plan = planPages({ pagemap: images.pagemap, vmas: images.vmas, chunkPages: chunkBytes / PAGE_SIZE, order: opts.order ?? 'file', path: images.pagemapPath });
+      plans.set(pid, { ...plan, pid, pagesPath: images.pagesPath });
+    }
+    if (verify === 'before') {
+      const t0 = performance.now();
+      const cancelFd = b.createCancel();
+      try {
+        await Promise.all(
+          [...new Set([...plans.values()].map((p) => p.pagesPath))].map(async (path) => {
+            const got = await b.hashFile(path, cancelFd).catch((err: unknown) => {
+              throw fromUffdError(err, 'hash');
+            });
+            compareHash(path, got.hash, got.bytes, opts.checksums, 'verify-before');
+          }),
+        );
+      } finally {
+        b.close(cancelFd);
+      }
+      log.debug({ phase: 'lazy-pages-verify-before', durationMs: Math.round(performance.now() - t0) }, 'pages files verified');
+    }
+    const socketPath = join(opts.workDir, LAZY_PAGES_SOCKET);
+    let listenFd: number;
+    try {
+      listenFd = b.listen(socketPath);
+    } catch (err) {
+      throw new PageServerError('Unavailable', `cannot listen on ${socketPath}: ${(err as Error).message}`, { phase: 'prepare', pids: [], killed: false }, { cause: err });
+    }
+    const cancelFd = b.createCancel();
+    return new LazyPageServer(b, { ...opts, verify }, plans, listenFd, cancelFd, socketPath);
+  }
+
+  /** How the pages files are verified (resolved from the options: 'off' without checksums). */
+  get verify(): 'concurrent' | 'before' | 'off' {
+    return this.#opts.verify ?? 'off';
+  }
+
+  /** Pids CRIU has handed over so far. */
+  get pids(): number[] {
+    return this.#received.map((r) => r.pid);
+  }
+
+  /** Stops whatever is running (accept, receive, fill); the userfaultfds stay open. */
+  cancel(): void {
+    if (this.#canceled || this.#closed) return;
+    this.#canceled = true;
+    this.#b.cancel(this.#cancelFd);
+  }
+
+  /**
+   * Accepts CRIU's connection and collects the tasks' userfaultfds until CRIU says the restore
+   * finished (the restorer has registered every lazy VMA by then, so eager copies may start).
+   */
+  async receive(): Promise<number[]> {
+    const timeout = this.#opts.receiveTimeoutMs ?? 60_000;
+    try {
+      this.#clientFd = await this.#b.accept(this.#listenFd, this.#cancelFd, timeout);
+      for (;;) {
+        const m = (await this.#b.receive(this.#clientFd, this.#cancelFd, timeout)) as LazyMessage & { pid: number; uffd: number };
+        if (m.kind === 'task') {
+          this.#openUffds.add(m.uffd);
+          this.#received.push({ pid: m.pid, uffd: m.uffd });
+          if (!this.plans.has(m.pid)) {
+            throw new PageServerError('DataLoss', `CRIU sent task ${m.pid}, which has no pagemap image`, { phase: 'receive', pids: this.pids, killed: false });
+          }
+        } else if (m.kind === 'finished') {
+          return this.pids;
+        } else if (m.kind === 'closed') {
+          throw new PageServerError('Unavailable', 'CRIU closed the lazy-pages socket before the restore finished', { phase: 'receive', pids: this.pids, killed: false });
+        } // zombies have no memory to serve
+      }
+    } catch (err) {
+      if (err instanceof ShimError) throw err;
+      const e = fromUffdError(err, 'receive');
+      throw new PageServerError(e.code, `lazy-pages socket: ${e.message}`, { phase: 'receive', pids: this.pids, killed: false }, { cause: e });
+    } finally {
+      this.#closeFd(this.#listenFd);
+      this.#listenFd = -1;
+    }
+  }
+
+  /**
+   * Fills every received task (concurrently; threads shared by lazy bytes) and checks the result:
+   * every page installed exactly once, no task gone, checksums equal. Throws PageServerError
+   * (killed: false) on any failure; the userfaultfds of a failed fill stay open for close().
+   */
+  async fill(): Promise<LazyTaskResult[]> {
+    const totalThreads = Math.max(1, this.#opts.threads ?? Math.min(8, availableParallelism() - 1));
+    const totalPages = this.#received.reduce((s, r) => s + (this.plans.get(r.pid)?.lazyPages ?? 0), 0);
+    const faultAheadPages = Math.floor((this.#opts.faultAheadBytes ?? 64 << 10) / PAGE_SIZE);
+    const timeoutMs = this.#opts.fillTimeoutMs ?? 60_000 + (totalPages * PAGE_SIZE) / 100e3;
+    const timer = setTimeout(() => {
+      this.#log.warn({ phase: 'lazy-pages-fill', durationMs: timeoutMs }, 'page server fill timed out');
+      this.#timedOut = true;
+      this.cancel();
+    }, timeoutMs);
+    try {
+      const results = await Promise.all(
+        this.#received.map(async ({ pid, uffd }): Promise<LazyTaskResult> => {
+          const plan = this.plans.get(pid)!;
+          const threads = Math.max(1, Math.round((totalThreads * plan.lazyPages) / Math.max(1, totalPages)));
+          const native = await this.#b.fill({
+            uffd,
+            pagesPath: plan.pagesPath,
+            direct: this.#opts.direct ?? false,
+            threads,
+            faultAheadPages,
+            hash: this.#opts.verify === 'concurrent',
+            closeWhenFilled: true,
+            cancelFd: this.#cancelFd,
+            extents: plan.extents,
+            chunks: plan.chunks,
+          });
+          for (const t of native.targets) {
+            if (t.closed) this.#openUffds.delete(t.uffd);
+            else this.#openUffds.add(t.uffd); // fork children of a failed fill
+          }
+          return { pid, lazyBytes: plan.lazyPages * PAGE_SIZE, threads, native };
+        }),
+      );
+      for (const r of results) this.#check(r);
+      return results;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  #check({ pid, native }: LazyTaskResult): void {
+    const fail = (code: ErrorCode, message: string, phase: PagePhase = 'fill'): never => {
+      throw new PageServerError(code, `task ${pid}: ${message}`, { phase, pids: this.pids, killed: false });
+    };
+    if (native.canceled) fail(this.#timedOut ? 'DeadlineExceeded' : 'Canceled', this.#timedOut ? 'page server fill timed out' : 'page server fill canceled');
+    if (native.error !== undefined) {
+      const { op, errno, message } = native.error;
+      fail(errno === 0 ? 'DataLoss' : uffdErrorCode(errno), `${op} failed${errno ? ` (${errnoName(errno)})` : ''}: ${message}`);
+    }
+    const [main] = native.targets;
+    if (main === undefined) fail('Internal', 'the fill reported no target');
+    if (main!.exited) fail('Unavailable', 'the restored task exited while its memory was being filled');
+    for (const t of native.targets) {
+      if (t.pagesLeft !== 0) fail('DataLoss', `${t.pagesLeft} pages never arrived`);
+      const accounted = t.pagesCopied + t.pagesExisting + t.pagesDropped + t.pagesVanished;
+      if (accounted !== t.totalPages) fail('Internal', `${accounted} of ${t.totalPages} pages accounted for`);
+      // Without a fork nothing but this server can install a page into a missing-mode range: a page
+      // already present means it came twice.
+      if (!t.forked && t.pagesExisting !== 0) fail('DataLoss', `${t.pagesExisting} pages were installed twice`);
+    }
+    if (this.#opts.verify === 'concurrent') {
+      const path = this.plans.get(pid)!.pagesPath;
+      compareHash(path, native.hash ?? '', native.hashedBytes ?? -1, this.#opts.checksums, 'verify');
+    }
+  }
+
+  /** Closes every descriptor still held and removes the socket. Call after a successful fill, or after the restored tasks are dead. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const fd of this.#openUffds) this.#closeFd(fd);
+    this.#openUffds.clear();
+    this.#closeFd(this.#clientFd);
+    this.#closeFd(this.#listenFd);
+    this.#closeFd(this.#cancelFd);
+    await rm(this.socketPath, { force: true });
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+
+  #closeFd(fd: number): void {
+    if (fd < 0) return;
+    try {
+      this.#b.close(fd);
+    } catch {
+      // already closed: nothing to release
+    }
+  }
+}
+
+function requireChecksum(path: string, checksums: ReadonlyMap<string, ImageChecksum> | undefined): ImageChecksum {
+  const c = checksums?.get(path);
+  if (c === undefined || c.algo !== XXH64) {
+    throw new PageServerError('FailedPrecondition', `no ${XXH64} checksum for ${path} in the snapshot manifest`, { phase: 'prepare', pids: [], killed: false });
+  }
+  return c;
+}
+
+async function checkSmallImage(path: string, bytes: Uint8Array, checksums: ReadonlyMap<string, ImageChecksum> | undefined): Promise<void> {
+  const c = requireChecksum(path, checksums);
+  const hash = await xxh64Hex(bytes);
+  if (hash !== c.hash || bytes.byteLength !== c.bytes) {
+    throw new PageServerError('DataLoss', `${path}: checksum ${hash} (${bytes.byteLength} bytes) does not match the manifest's ${c.hash} (${c.bytes} bytes)`, {
+      phase: 'prepare',
+      pids: [],
+      killed: false,
+    });
+  }
+}
+
+function compareHash(path: string, hash: string, bytes: number, checksums: ReadonlyMap<string, ImageChecksum> | undefined, phase: PagePhase): void {
+  const c = requireChecksum(path, checksums);
+  if (hash !== c.hash || bytes !== c.bytes) {
+    throw new PageServerError('DataLoss', `${path}: checksum ${hash} (${bytes} bytes) does not match the manifest's ${c.hash} (${c.bytes} bytes)`, {
+      phase,
+      pids: [],
+      killed: false,
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The choreography around CRIU.
+
+export interface LazyRestoreHooks {
+  /**
+   * Runs the restore with lazy pages — `criu restore --lazy-pages -W <workDir> …` or
+   * `runc restore --lazy-pages --work-path <workDir> …` — and resolves once it returned
+   * successfully (detached). Must stop when `signal` aborts.
+   */
+  restore(signal: AbortSignal): Promise<void>;
+  /**
+   * Kills everything the restore created and resolves once it is gone (its pids free again, so a
+   * plain restore can follow). `pids` are the task pids CRIU reported (image/namespace pids).
+   * Must be safe when nothing was restored.
+   */
+  kill(pids: readonly number[]): Promise<void>;
+}
+
+export interface LazyRestore {
+  pids: number[];
+  /** When the restore command returned, ms after startLazyRestore was called. */
+  restoreMs: number;
+  /**
+   * Resolves when every page is in and verified. Rejects with PageServerError (killed: true) after
+   * the restored tasks were killed: the caller then falls back (plain restore or cold start).
+   */
+  done: Promise<LazyPagesResult>;
+  /** Gives up (e.g. the CUDA restore failed): `done` rejects once the tasks are killed. */
+  abort(): void;
+}
+
+/**
+ * Restores with thaw's page server: prepare (plan, checks, listen) → the caller's restore with
+ * lazy pages, while receiving the tasks' userfaultfds → fill from "restore finished" on. Resolves
+ * as soon as the restore command returned, with `done` tracking the fill, so the caller can run the
+ * CUDA restore while pages arrive. Throws PageServerError with `killed` telling whether restored
+ * tasks had to be killed; either way nothing is left running and the caller may fall back.
+ */
+export async function startLazyRestore(opts: LazyPagesOptions & { hooks: LazyRestoreHooks }): Promise<LazyRestore> {
+  const t0 = performance.now();
+  const log = opts.log ?? silentLogger;
+  const server = await LazyPageServer.prepare(opts); // throws before anything ran
+  const ac = new AbortController();
+  let killed = false;
+  const killAndClose = async (): Promise<void> => {
+    server.cancel();
+    try {
+      await opts.hooks.kill(server.pids);
+      killed = true;
+    } finally {
+      // Only now: closing a userfaultfd while its task lives would hand the task zero pages.
+      if (killed) await server.close();
+    }
+  };
+
+  let fillStarted: Promise<LazyTaskResult[]> | undefined;
+  const receiving = server.receive().then((pids) => {
+    fillStarted = server.fill();
+    fillStarted.catch(() => undefined); // observed below
+    return pids;
+  });
+  const restoring = opts.hooks.restore(ac.signal);
+  try {
+    // Both must succeed; whichever fails first stops the other.
+    await Promise.all([
+      receiving.catch((err: unknown) => {
+        ac.abort();
+        throw err;
+      }),
+      restoring.catch((err: unknown) => {
+        server.cancel();
+        throw err;
+      }),
+    ]);
+  } catch (err) {
+    await Promise.allSettled([receiving, restoring, fillStarted]);
+    await killAndClose().catch((e: unknown) => log.error({ err: e }, 'killing a failed lazy restore failed'));
+    const phase: PagePhase = err instanceof PageServerError ? err.phase : 'restore';
+    const code = err instanceof ShimError ? err.code : 'Unknown';
+    throw new PageServerError(code, `lazy restore failed: ${(err as Error).message}`, { phase, pids: server.pids, killed }, { cause: err });
+  }
+  const pids = await receiving;
+  const restoreMs = Math.round(performance.now() - t0);
+  log.debug({ phase: 'lazy-pages-restore', durationMs: restoreMs, pids }, 'restore returned, pages arriving');
+
+  const done = (async (): Promise<LazyPagesResult> => {
+    let tasks: LazyTaskResult[];
+    try {
+      tasks = await fillStarted!;
+    } catch (err) {
+      await killAndClose().catch((e: unknown) => log.error({ err: e }, 'killing a failed lazy restore failed'));
+      const e = err instanceof PageServerError ? err : new PageServerError('Internal', String(err), { phase: 'fill', pids, killed }, { cause: err });
+      log.warn({ phase: e.phase, err: e, fallback: 'restore' }, 'page server failed; restored tasks killed');
+      throw new PageServerError(e.code, e.message, { phase: e.phase, pids, killed }, { cause: err });
+    }
+    await server.close();
+    const result: LazyPagesResult = {
+      pids,
+      bytes: tasks.reduce((s, t) => s + t.native.targets.reduce((n, x) => n + x.pagesCopied * PAGE_SIZE, 0), 0),
+      fillMs: Math.max(0, ...tasks.map((t) => t.native.fillMs)),
+      totalMs: Math.round(performance.now() - t0),
+      verified: server.verify !== 'off',
+      tasks,
+    };
+    log.info({ phase: 'lazy-pages', durationMs: result.totalMs, bytes: result.bytes, fillMs: Math.round(result.fillMs) }, 'lazy pages in');
+    return result;
+  })();
+  done.catch(() => undefined); // the caller may await it later; never an unhandled rejection
+  return { pids, restoreMs, done, abort: () => server.cancel() };
+}
