@@ -85,6 +85,10 @@ export class PausedState extends InitState {
     await this.p.engine.resume(this.p.id);
     this.p.transition(new RunningState(this.p));
   }
+  /** containerd's client pauses a task around Task.Checkpoint (and resumes it afterwards). */
+  override checkpoint(leaveRunning: boolean): Promise<CheckpointResult> {
+    return this.p.checkpointInto(leaveRunning);
+  }
   override kill(signal: number, all: boolean): Promise<void> {
     return this.p.engineKill(signal, all);
   }
