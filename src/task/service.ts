@@ -1,5 +1,5 @@
 import { create } from '@bufbuild/protobuf';
-import { link, mkdir, readdir, copyFile } from 'node:fs/promises';
+import { link, mkdir, readdir, copyFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Cleanup } from '../cleanup.js';
 import { loadConfig } from '../config/config.js';
@@ -29,6 +29,7 @@ import { ExecProcess } from './process/exec.js';
 import type { ExitInfo, Process, ProcessStatus } from './process/process.js';
 import { mountRootfs, unmountRootfs } from './rootfs.js';
 import { OpenStdio } from './stdio.js';
+import { CONFIG_PATH_FILE } from './dead-task.js';
 
 const STATUS: Record<ProcessStatus, Status> = {
   created: Status.CREATED,
@@ -86,6 +87,8 @@ export class TaskService {
         if (this.#containers.has(req.id)) throw new ShimError('AlreadyExists', `container ${req.id} already exists`);
         const log = this.ctx.log.child({ id: req.id });
         await using cleanup = new Cleanup((f) => log.warn({ err: f.err, step: f.name }, 'undo failed'));
+        // For `delete` after a crash, which gets no runtime options from containerd.
+        if (this.ctx.configPath) await writeFile(join(req.bundle, CONFIG_PATH_FILE), this.ctx.configPath);
         const rootfsTarget = await mountRootfs(req.bundle, req.rootfs);
         if (rootfsTarget) cleanup.add('unmount rootfs', () => unmountRootfs(rootfsTarget));
         const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal };
