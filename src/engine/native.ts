@@ -1,0 +1,881 @@
+/**
+ * `NativeEngine`: containers under runc 1.1 with CRIU 4.x snapshots, for GPU hosts whose runsc cannot
+ * reach the driver. The CUDA side goes through optional `GpuHooks` around runc's checkpoint and
+ * restore. Design notes (measured on our machines) are in docs/native-engine.md; in short:
+ *
+ * - **Private bundle.** Each container gets `<root>/containers/<rid>/bundle/config.json`, a copy of
+ *   the caller's spec with root and relative bind sources made absolute, an absolute
+ *   `linux.cgroupsPath` (`/thaw/<rid>` when the spec has none) and the annotation `org.criu.config`
+ *   naming a per-container CRIU config file. The caller's bundle is never written to.
+ * - **Cgroups on restore.** thaw restores snapshots into new containers with new ids. On cgroup v2
+ *   runc 1.1.5 gives CRIU no cgroup root, so CRIU puts the tasks back into the cgroup path recorded
+ *   in the image — re-created without runc's BPF device filter (a restored app could open devices
+ *   its new spec denies, measured on the GPU host) while the new container's cgroup stays empty.
+ *   Before `runc restore` thaw writes `cgroup-root <new cgroupsPath>` into that config file, so CRIU
+ *   restores into the new container's own cgroup, where runc has attached the filter. (On v1 runc
+ *   already passes per-controller roots, which win over the global one; the file changes nothing.)
+ *   The file is removed once the restore is done so that later dumps run without it.
+ * - **Stdio.** CRIU can only dump stdio that is an anonymous pipe (runc lists them as external
+ *   `pipe:[ino]` fds and re-attaches them on restore) or /dev/null; a host file or FIFO fails with
+ *   `Can't lookup mount=… for fd=1`. Node cannot call pipe(2), so for every slot that is not already
+ *   an anonymous pipe a small detached `sh` + `cat` relay makes one (see `interposeStdio`): the
+ *   container writes into the pipe, `cat` copies to the caller's fd (or from it, for stdin).
+ * - **Exit status.** runc has no wait verb and the container's init is not thaw's child (runc create
+ *   exits; the init is reparented to pid 1). `wait` polls /proc for the init's exit and reads the
+ *   status from its zombie when it sees one before pid 1 reaps it; otherwise it reports 137 if thaw
+ *   sent SIGKILL, else `UNKNOWN_EXIT_STATUS` (255, containerd's value for an unknown exit).
+ * - **Pids.** CRIU gives restored processes their recorded pids. In a container with its own pid
+ *   namespace that never conflicts; in the host pid namespace the recorded pids must be free, so
+ *   restore waits briefly for the originals to be reaped and fails with FailedPrecondition if one
+ *   still runs (e.g. a `leaveRunning` source).
+ */
+import { spawn } from 'node:child_process';
+import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync, readlinkSync } from 'node:fs';
+import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { constants as osConstants } from 'node:os';
+import { isAbsolute, join, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Cleanup } from '../cleanup.js';
+import { RuncError, ShimError, asShimError, isShimError } from '../errors.js';
+import { silentLogger, type Logger } from '../log/logger.js';
+import { criuVersion } from '../runc/criu.js';
+import type { RuncStdio, RuncStdioSlot } from '../runc/options.js';
+import { Runc, type RuncVerb } from '../runc/runc.js';
+import { runtimeIdFor } from './container-id.js';
+import type {
+  CheckpointOptions,
+  CreateOptions,
+  Engine,
+  EngineIdentity,
+  EngineState,
+  EngineStatus,
+  ExecHandle,
+  ExecOptions,
+  ExitResult,
+  GpuCheckpointRecord,
+  GpuHooks,
+  ResourceStats,
+  RestoreOptions,
+  StdioFds,
+} from './engine.js';
+
+/** Written into the image dir at checkpoint: what restore needs to know about the source. */
+export const NATIVE_IMAGE_FILE = 'thaw-native.json';
+/** Written into the image dir when GPU hooks took part: their record, handed back on restore. */
+export const GPU_RECORD_FILE = 'gpu.json';
+/** Exit status reported when the init's real status could not be observed (containerd uses 255 too). */
+export const UNKNOWN_EXIT_STATUS = 255;
+/** The runc annotation naming a CRIU config file (runc passes it to CRIU on dump and restore). */
+export const CRIU_CONFIG_ANNOTATION = 'org.criu.config';
+
+export interface NativeEngineOptions {
+  /** runc binary (ThawConfig.runc.path). */
+  runcPath: string;
+  /** CRIU >= 4 (ThawConfig.runc.criuPath; our wrapper /opt/thaw/criu/bin/criu). */
+  criuPath: string;
+  /** This engine's state directory: runc's root, per-container dirs and scratch files live under it. */
+  root: string;
+  log?: Logger;
+  /** CUDA participation; without it an image holding CUDA state is refused at restore. */
+  gpu?: GpuHooks;
+  /** Namespace folded into runtime ids (containerd namespaces may reuse ids). */
+  namespace?: string;
+  /** Per-verb runc timeouts. */
+  timeoutsMs?: Readonly<Partial<Record<RuncVerb, number>>>;
+  /** How long restore waits for recorded host pids to be freed (host pid namespace only). */
+  pidReleaseTimeoutMs?: number;
+  /** For tests: a ready Runc. */
+  runc?: Runc;
+}
+
+/** A relay process of `interposeStdio`, identified by pid and start time (pids are reused). */
+export interface RelayRecord {
+  pid: number;
+  startTime: number;
+  role: 'stdin' | 'stdout' | 'stderr';
+}
+
+/** What thaw keeps per native container (`<root>/containers/<rid>/container.json`). */
+interface ContainerRecord {
+  version: 1;
+  id: string;
+  rid: string;
+  /** The caller's bundle (the private copy lives next to this file). */
+  bundle: string;
+  cgroupsPath: string;
+  hostPidNamespace: boolean;
+  /** The container's init (host pid and /proc start time), once created or restored. */
+  init: { pid: number; startTime: number } | null;
+  relays: RelayRecord[];
+  /** Signals thaw sent to the container, for the exit status when the zombie was not seen. */
+  signals: number[];
+}
+
+/** thaw-native.json */
+export interface NativeImageInfo {
+  version: 1;
+  runc: string;
+  criu: string;
+  /** Host pids of the container's processes when it was dumped. */
+  pids: number[];
+  hostPidNamespace: boolean;
+  cgroupsPath: string;
+  leaveRunning: boolean;
+}
+
+export class NativeEngine implements Engine {
+  readonly name = 'native' as const;
+  readonly runc: Runc;
+  readonly #root: string;
+  readonly #criuPath: string;
+  readonly #log: Logger;
+  readonly #gpu: GpuHooks | undefined;
+  readonly #namespace: string;
+  readonly #pidReleaseTimeoutMs: number;
+  /** Serializes read-modify-write of one container's record within this process. */
+  readonly #locks = new Map<string, Promise<unknown>>();
+
+  constructor(options: NativeEngineOptions) {
+    this.#root = options.root;
+    this.#criuPath = options.criuPath;
+    this.#log = options.log ?? silentLogger;
+    this.#gpu = options.gpu;
+    this.#namespace = options.namespace ?? '';
+    this.#pidReleaseTimeoutMs = options.pidReleaseTimeoutMs ?? 5_000;
+    this.runc =
+      options.runc ??
+      new Runc({
+        path: options.runcPath,
+        root: join(options.root, 'runc'),
+        criuPath: options.criuPath,
+        logger: this.#log,
+        timeoutsMs: options.timeoutsMs,
+        scratchDir: join(options.root, 'tmp'),
+      });
+  }
+
+  #rid(id: string): string {
+    return runtimeIdFor(id, this.#namespace);
+  }
+
+  #dir(rid: string): string {
+    return join(this.#root, 'containers', rid);
+  }
+
+  async identity(): Promise<EngineIdentity> {
+    const [runc, criu] = await Promise.all([this.runc.version(), criuVersion(this.#criuPath)]);
+    return { engine: 'native', runtime: 'runc', version: runc.version, criu };
+  }
+
+  async create(opts: CreateOptions): Promise<EngineState> {
+    const rid = this.#rid(opts.id);
+    await using cleanup = this.#cleanup(opts.id);
+    const dir = await this.#claim(rid, cleanup);
+    const bundle = await writePrivateBundle({ source: opts.bundle, dir, rid });
+    const io = bundle.terminal ? passThrough(opts.stdio) : await interposeStdio(opts.stdio, { signal: opts.signal });
+    cleanup.add('stop stdio relays', () => stopRelays(io.relays, { drainMs: 0 }));
+    const pidFile = join(dir, 'init.pid');
+    try {
+      await this.runc.create(rid, { bundle: bundle.dir, stdio: io.fds, consoleSocket: opts.consoleSocket, pidFile, signal: opts.signal });
+    } finally {
+      io.close();
+    }
+    cleanup.add('runc delete', () => this.runc.delete(rid, { force: true }));
+    const init = await readInit(pidFile);
+    await this.#save({ version: 1, id: opts.id, rid, bundle: opts.bundle, cgroupsPath: bundle.cgroupsPath, hostPidNamespace: bundle.hostPidNamespace, init, relays: io.relays, signals: [] });
+    cleanup.release();
+    this.#log.debug({ id: opts.id, pid: init.pid }, 'native container created');
+    return { id: opts.id, status: 'created', pid: init.pid };
+  }
+
+  async start(id: string): Promise<EngineState> {
+    await this.runc.start(this.#rid(id));
+    return this.state(id);
+  }
+
+  /** Nothing to prepare: `runc restore` creates the container itself. */
+  async prepareRestore(_opts: CreateOptions): Promise<void> {}
+
+  async restore(opts: RestoreOptions): Promise<EngineState> {
+    const rid = this.#rid(opts.id);
+    const image = await readImageInfo(opts.imageDir);
+    const gpuRecord = await readGpuRecord(opts.imageDir);
+    if (gpuRecord !== null && gpuRecord.pids.length > 0 && this.#gpu === undefined) {
+      throw new ShimError('FailedPrecondition', `image ${opts.imageDir} holds CUDA state of ${gpuRecord.pids.length} process(es) but this engine has no GPU hooks`);
+    }
+    if (image?.hostPidNamespace) await this.#waitForPidsFree(image.pids, opts.imageDir);
+
+    await using cleanup = this.#cleanup(opts.id);
+    const dir = await this.#claim(rid, cleanup);
+    const bundle = await writePrivateBundle({ source: opts.bundle, dir, rid });
+    // CRIU restores into the new container's own cgroup (where runc put the device filter).
+    await writeFile(bundle.criuConfig, `${bundle.userCriuConfig}cgroup-root ${bundle.cgroupsPath}\n`, { mode: 0o600 });
+    const io = bundle.terminal ? passThrough(opts.stdio) : await interposeStdio(opts.stdio, { signal: opts.signal });
+    cleanup.add('stop stdio relays', () => stopRelays(io.relays, { drainMs: 0 }));
+    const workPath = join(dir, 'restore-work');
+    await rm(workPath, { recursive: true, force: true });
+    const pidFile = join(dir, 'init.pid');
+    const t0 = performance.now();
+    try {
+      await this.runc.restore(rid, {
+        imagePath: opts.imageDir,
+        workPath,
+        bundle: bundle.dir,
+        stdio: io.fds,
+        pidFile,
+        consoleSocket: opts.consoleSocket,
+        signal: opts.signal,
+      });
+    } finally {
+      io.close();
+      await writeUserCriuConfig(bundle.criuConfig, bundle.userCriuConfig);
+    }
+    cleanup.add('runc delete', () => this.runc.delete(rid, { force: true }));
+    const init = await readInit(pidFile);
+    await this.#save({ version: 1, id: opts.id, rid, bundle: opts.bundle, cgroupsPath: bundle.cgroupsPath, hostPidNamespace: bundle.hostPidNamespace, init, relays: io.relays, signals: [] });
+    this.#log.debug({ id: opts.id, pid: init.pid, phase: 'runc-restore', durationMs: round(performance.now() - t0) }, 'native restore done');
+
+    if (gpuRecord !== null && gpuRecord.pids.length > 0 && this.#gpu !== undefined) {
+      const pids = await this.runc.ps(rid);
+      const t1 = performance.now();
+      await this.#gpu.afterRestore(gpuRecord, pids);
+      this.#log.debug({ id: opts.id, phase: 'gpu-restore', durationMs: round(performance.now() - t1) }, 'CUDA state restored');
+    }
+    cleanup.release();
+    return this.state(opts.id);
+  }
+
+  async checkpoint(id: string, opts: CheckpointOptions): Promise<void> {
+    const rid = this.#rid(id);
+    const rec = await this.#load(id);
+    const pids = await this.runc.ps(rid);
+    const dir = this.#dir(rid);
+    const bundle = await readPrivateBundleInfo(dir);
+    // A config left by an interrupted restore must not steer this dump.
+    await writeUserCriuConfig(bundle.criuConfig, bundle.userCriuConfig);
+    const workPath = join(dir, 'checkpoint-work');
+    await rm(workPath, { recursive: true, force: true });
+
+    let gpuRecord: GpuCheckpointRecord | null = null;
+    if (this.#gpu !== undefined) gpuRecord = await this.#gpu.beforeCheckpoint(pids);
+    const resumeGpu = async (why: string) => {
+      if (gpuRecord === null || this.#gpu === undefined) return;
+      try {
+        await this.#gpu.resumeAfterCheckpoint(gpuRecord);
+      } catch (err) {
+        this.#log.error({ id, phase: 'gpu-resume', err }, `could not resume CUDA processes after ${why}`);
+        throw err;
+      }
+    };
+    const t0 = performance.now();
+    try {
+      await this.runc.checkpoint(rid, { imagePath: opts.imageDir, workPath, leaveRunning: opts.leaveRunning, signal: opts.signal });
+    } catch (err) {
+      await resumeGpu('a failed checkpoint').catch(() => undefined);
+      throw err;
+    }
+    this.#log.debug({ id, phase: 'runc-checkpoint', durationMs: round(performance.now() - t0) }, 'native checkpoint done');
+    const [runcVersion, criu] = await Promise.all([this.runc.version(), criuVersion(this.#criuPath)]);
+    const info: NativeImageInfo = {
+      version: 1,
+      runc: runcVersion.version,
+      criu,
+      pids,
+      hostPidNamespace: rec.hostPidNamespace,
+      cgroupsPath: rec.cgroupsPath,
+      leaveRunning: opts.leaveRunning,
+    };
+    await writeFile(join(opts.imageDir, NATIVE_IMAGE_FILE), JSON.stringify(info, null, 1));
+    if (gpuRecord !== null) await writeFile(join(opts.imageDir, GPU_RECORD_FILE), JSON.stringify(gpuRecord, null, 1));
+    if (opts.leaveRunning) await resumeGpu('a leave-running checkpoint');
+  }
+
+  async state(id: string): Promise<EngineState> {
+    const rid = this.#rid(id);
+    try {
+      const s = await this.runc.state(rid);
+      const status: EngineStatus = s.status === 'creating' ? 'created' : s.status;
+      return { id, status, pid: status === 'stopped' ? 0 : s.pid };
+    } catch (err) {
+      // A checkpoint without leaveRunning makes runc forget the container; thaw still knows it.
+      if (isShimError(err, 'NotFound') && (await exists(join(this.#dir(rid), 'container.json')))) {
+        return { id, status: 'stopped', pid: 0 };
+      }
+      throw err;
+    }
+  }
+
+  /**
+   * Resolves when the init exits. runc has no wait verb and the init is not thaw's child, so this
+   * polls /proc (50 ms, backing off to 500 ms) and reads the exit status from the zombie if it sees one.
+   */
+  async wait(id: string, signal?: AbortSignal): Promise<ExitResult> {
+    const rec = await this.#load(id);
+    if (rec.init === null) throw new ShimError('FailedPrecondition', `container ${id} has no init process`);
+    const status = await waitForExit(rec.init, signal);
+    const exitStatus = status ?? this.#fallbackStatus((await this.#load(id).catch(() => rec)).signals);
+    return { exitStatus, exitedAt: new Date() };
+  }
+
+  #fallbackStatus(signals: readonly number[]): number {
+    return signals.includes(osConstants.signals.SIGKILL) ? 128 + osConstants.signals.SIGKILL : UNKNOWN_EXIT_STATUS;
+  }
+
+  async kill(id: string, signal: number, all = false): Promise<void> {
+    const rid = this.#rid(id);
+    await this.#update(id, (rec) => ({ ...rec, signals: [...rec.signals, signal] })).catch(() => undefined);
+    await this.runc.kill(rid, signal, { all });
+  }
+
+  async delete(id: string, opts: { force?: boolean } = {}): Promise<void> {
+    const rid = this.#rid(id);
+    const dir = this.#dir(rid);
+    const rec = await this.#load(id).catch(() => null);
+    try {
+      await this.runc.delete(rid, { force: opts.force ?? false });
+    } catch (err) {
+      // Gone from runc (checkpointed, or deleted before) but still ours: finish our part.
+      if (!(isShimError(err, 'NotFound') && rec !== null)) throw err;
+    }
+    if (rec !== null) await stopRelays(rec.relays, { drainMs: 1_000 });
+    await rm(dir, { recursive: true, force: true });
+    this.#log.debug({ id }, 'native container deleted');
+  }
+
+  async ps(id: string): Promise<number[]> {
+    return this.runc.ps(this.#rid(id));
+  }
+
+  async exec(id: string, opts: ExecOptions): Promise<ExecHandle> {
+    const rid = this.#rid(id);
+    await this.#load(id);
+    const terminal = opts.process.terminal === true;
+    const io = terminal ? passThrough(opts.stdio) : await interposeStdio(opts.stdio, { signal: opts.signal });
+    let pid: number;
+    try {
+      pid = await this.runc.exec(rid, { process: opts.process, stdio: io.fds, consoleSocket: opts.consoleSocket, signal: opts.signal });
+    } catch (err) {
+      await stopRelays(io.relays, { drainMs: 0 });
+      throw err;
+    } finally {
+      io.close();
+    }
+    await this.#update(id, (rec) => ({ ...rec, relays: [...rec.relays, ...io.relays] })).catch(() => undefined);
+    const startTime = procStat(pid)?.startTime ?? 0;
+    const signals: number[] = [];
+    const exited = waitForExit({ pid, startTime }).then((status) => ({
+      exitStatus: status ?? this.#fallbackStatus(signals),
+      exitedAt: new Date(),
+    }));
+    exited.catch(() => undefined);
+    return {
+      pid,
+      exited,
+      kill: async (signal: number) => {
+        const st = procStat(pid);
+        if (st === null || st.startTime !== startTime || st.state === 'Z') {
+          throw new ShimError('NotFound', `exec process ${pid} of container ${id} has exited`);
+        }
+        signals.push(signal);
+        process.kill(pid, signal);
+      },
+    };
+  }
+
+  async pause(id: string): Promise<void> {
+    await this.runc.pause(this.#rid(id));
+  }
+
+  async resume(id: string): Promise<void> {
+    await this.runc.resume(this.#rid(id));
+  }
+
+  async stats(id: string): Promise<ResourceStats> {
+    const s = await this.runc.events(this.#rid(id));
+    return {
+      memoryUsageBytes: s.memory?.usage?.usage,
+      memoryLimitBytes: s.memory?.usage?.limit,
+      cpuUsageNanos: s.cpu?.usage?.total,
+      pids: s.pids?.current,
+    };
+  }
+
+  // ---- internals ----
+
+  #cleanup(id: string): Cleanup {
+    return new Cleanup((f) => this.#log.warn({ id, phase: f.name, err: f.err }, 'undo step failed'));
+  }
+
+  /** Creates the container's state dir; refuses an id runc or thaw already knows. */
+  async #claim(rid: string, cleanup: Cleanup): Promise<string> {
+    const dir = this.#dir(rid);
+    if ((await exists(join(this.runc.root, rid))) || (await exists(join(dir, 'container.json')))) {
+      throw new ShimError('AlreadyExists', `native container ${rid} already exists`);
+    }
+    await mkdir(join(this.#root, 'containers'), { recursive: true, mode: 0o700 });
+    await rm(dir, { recursive: true, force: true });
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    cleanup.add('remove state dir', () => rm(dir, { recursive: true, force: true }));
+    return dir;
+  }
+
+  async #load(id: string): Promise<ContainerRecord> {
+    const file = join(this.#dir(this.#rid(id)), 'container.json');
+    try {
+      return JSON.parse(await readFile(file, 'utf8')) as ContainerRecord;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+        throw new ShimError('NotFound', `native container ${id} does not exist`, { cause: err });
+      }
+      throw asShimError(err, 'Internal', `cannot read ${file}`);
+    }
+  }
+
+  async #save(rec: ContainerRecord): Promise<void> {
+    const file = join(this.#dir(rec.rid), 'container.json');
+    await writeFile(`${file}.tmp`, JSON.stringify(rec, null, 1), { mode: 0o600 });
+    await rename(`${file}.tmp`, file);
+  }
+
+  async #update(id: string, change: (rec: ContainerRecord) => ContainerRecord): Promise<void> {
+    const key = this.#rid(id);
+    const previous = this.#locks.get(key) ?? Promise.resolve();
+    const next = previous.catch(() => undefined).then(async () => this.#save(change(await this.#load(id))));
+    this.#locks.set(key, next);
+    try {
+      await next;
+    } finally {
+      if (this.#locks.get(key) === next) this.#locks.delete(key);
+    }
+  }
+
+  /** CRIU must give restored processes their recorded host pids: wait until the originals are reaped. */
+  async #waitForPidsFree(pids: readonly number[], imageDir: string): Promise<void> {
+    const deadline = performance.now() + this.#pidReleaseTimeoutMs;
+    for (;;) {
+      const busy = pids.filter((p) => procStat(p) !== null);
+      if (busy.length === 0) return;
+      if (performance.now() > deadline) {
+        const live = busy.filter((p) => procStat(p)?.state !== 'Z');
+        throw new ShimError(
+          'FailedPrecondition',
+          `cannot restore ${imageDir} in the host pid namespace: recorded pid(s) ${busy.join(', ')} still in use` +
+            (live.length > 0 ? ' (the source is still running, e.g. checkpointed with leaveRunning)' : ' (not yet reaped)'),
+        );
+      }
+      await sleep(50);
+    }
+  }
+}
+
+// ---- private bundle ----
+
+interface PrivateBundle {
+  /** Directory holding the rewritten config.json. */
+  dir: string;
+  cgroupsPath: string;
+  hostPidNamespace: boolean;
+  terminal: boolean;
+  /** Our CRIU config file (named by the org.criu.config annotation). */
+  criuConfig: string;
+  /** The caller's own CRIU config text (from its annotation), kept in ours. */
+  userCriuConfig: string;
+}
+
+/**
+ * Writes `<dir>/bundle/config.json` from `<source>/config.json` (see the header). Everything else in
+ * the spec is kept as it is.
+ */
+export async function writePrivateBundle(p: { source: string; dir: string; rid: string }): Promise<PrivateBundle> {
+  const specFile = join(p.source, 'config.json');
+  let spec: Record<string, unknown>;
+  try {
+    spec = JSON.parse(await readFile(specFile, 'utf8')) as Record<string, unknown>;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'NotFound' : 'InvalidArgument';
+    throw new ShimError(code, `bundle ${p.source}: cannot read config.json: ${(err as Error).message}`, { cause: err });
+  }
+  if (!isRecord(spec) || !isRecord(spec.root) || typeof spec.root.path !== 'string') {
+    throw new ShimError('InvalidArgument', `bundle ${p.source}: config.json has no root.path`);
+  }
+  const source = resolve(p.source);
+  spec.root = { ...spec.root, path: resolve(source, spec.root.path) };
+  if (Array.isArray(spec.mounts)) {
+    spec.mounts = spec.mounts.map((m: unknown) => {
+      if (!isRecord(m) || typeof m.source !== 'string' || isAbsolute(m.source)) return m;
+      const bind = m.type === 'bind' || (Array.isArray(m.options) && m.options.some((o) => o === 'bind' || o === 'rbind'));
+      return bind ? { ...m, source: resolve(source, m.source) } : m;
+    });
+  }
+  const linux = isRecord(spec.linux) ? { ...spec.linux } : {};
+  const given = typeof linux.cgroupsPath === 'string' && linux.cgroupsPath !== '' ? linux.cgroupsPath : `/thaw/${p.rid}`;
+  // CRIU is told this path verbatim, so it must be the one runc uses: absolute, one word.
+  const cgroupsPath = given.startsWith('/') ? given : `/${given}`;
+  if (/\s/.test(cgroupsPath)) throw new ShimError('InvalidArgument', `bundle ${p.source}: linux.cgroupsPath ${JSON.stringify(given)} contains whitespace`);
+  linux.cgroupsPath = cgroupsPath;
+  spec.linux = linux;
+  const namespaces = Array.isArray(linux.namespaces) ? linux.namespaces : [];
+  const hostPidNamespace = !namespaces.some((n) => isRecord(n) && n.type === 'pid' && (n.path === undefined || n.path === ''));
+
+  const annotations = isRecord(spec.annotations) ? { ...(spec.annotations as Record<string, string>) } : {};
+  const criuConfig = join(p.dir, 'criu.conf');
+  let userCriuConfig = '';
+  const theirs = annotations[CRIU_CONFIG_ANNOTATION];
+  if (typeof theirs === 'string' && theirs !== '') {
+    userCriuConfig = await readFile(theirs, 'utf8').catch(() => '');
+    if (userCriuConfig !== '' && !userCriuConfig.endsWith('\n')) userCriuConfig += '\n';
+  }
+  annotations[CRIU_CONFIG_ANNOTATION] = criuConfig;
+  spec.annotations = annotations;
+
+  const bundleDir = join(p.dir, 'bundle');
+  await mkdir(bundleDir, { recursive: true, mode: 0o700 });
+  await writeFile(join(bundleDir, 'config.json'), JSON.stringify(spec, null, 1), { mode: 0o600 });
+  await writeUserCriuConfig(criuConfig, userCriuConfig);
+  const info: PrivateBundle = {
+    dir: bundleDir,
+    cgroupsPath,
+    hostPidNamespace,
+    terminal: isRecord(spec.process) && spec.process.terminal === true,
+    criuConfig,
+    userCriuConfig,
+  };
+  await writeFile(join(p.dir, 'bundle.json'), JSON.stringify(info, null, 1), { mode: 0o600 });
+  return info;
+}
+
+async function readPrivateBundleInfo(dir: string): Promise<PrivateBundle> {
+  try {
+    return JSON.parse(await readFile(join(dir, 'bundle.json'), 'utf8')) as PrivateBundle;
+  } catch (err) {
+    throw asShimError(err, 'Internal', `native container state ${dir} is incomplete`);
+  }
+}
+
+/** Our CRIU config outside a restore: only the caller's own lines, or no file at all. */
+async function writeUserCriuConfig(file: string, text: string): Promise<void> {
+  if (text === '') await rm(file, { force: true });
+  else await writeFile(file, text, { mode: 0o600 });
+}
+
+async function readImageInfo(imageDir: string): Promise<NativeImageInfo | null> {
+  const text = await readFile(join(imageDir, NATIVE_IMAGE_FILE), 'utf8').catch(() => null);
+  if (text === null) {
+    if (!(await exists(join(imageDir, 'descriptors.json')))) {
+      throw new ShimError('DataLoss', `${imageDir} is not a runc checkpoint image (no descriptors.json)`);
+    }
+    return null; // a plain `runc checkpoint` image: restorable, nothing known about its source
+  }
+  try {
+    return JSON.parse(text) as NativeImageInfo;
+  } catch (err) {
+    throw new ShimError('DataLoss', `${join(imageDir, NATIVE_IMAGE_FILE)} is damaged`, { cause: err });
+  }
+}
+
+async function readGpuRecord(imageDir: string): Promise<GpuCheckpointRecord | null> {
+  const text = await readFile(join(imageDir, GPU_RECORD_FILE), 'utf8').catch(() => null);
+  if (text === null) return null;
+  try {
+    const rec = JSON.parse(text) as GpuCheckpointRecord;
+    if (!Array.isArray(rec.pids)) throw new Error('no pids');
+    return rec;
+  } catch (err) {
+    throw new ShimError('DataLoss', `${join(imageDir, GPU_RECORD_FILE)} is damaged`, { cause: err });
+  }
+}
+
+// ---- stdio ----
+
+/** The fds to hand runc, the relays serving them, and our copies to close once runc has them. */
+export interface InterposedStdio {
+  fds: RuncStdio;
+  relays: RelayRecord[];
+  /** Closes the fds this process opened (call once runc has started with them). */
+  close(): void;
+}
+
+function passThrough(stdio: StdioFds): InterposedStdio {
+  return { fds: stdio, relays: [], close: () => undefined };
+}
+
+/** True when `fd` is an anonymous pipe (what CRIU can restore as an external fd). */
+export function isAnonymousPipe(fd: number): boolean {
+  try {
+    return readlinkSync(`/proc/self/fd/${fd}`).startsWith('pipe:[');
+  } catch {
+    return false;
+  }
+}
+
+const RELAY_SETUP_TIMEOUT_MS = 10_000;
+
+/**
+ * Gives each stdio slot that is not an anonymous pipe one, served by a relay:
+ * - stdout/stderr: `cat` reads the pipe and writes to the caller's fd ('ignore' → /dev/null);
+ * - stdin: `cat` reads the caller's fd ('ignore' → /dev/null, i.e. EOF) and writes into the pipe.
+ *   A FIFO is reopened by the relay through /proc/self/fd (the shim opens stdin FIFOs non-blocking,
+ *   which `cat` would take for an error).
+ * One detached `sh` (its own session, so a signal to thaw's process group does not reach it) makes
+ * each pipe with a pipeline and reports pids; this process then opens its end of each pipe through
+ * `/proc/<pid>/fd/<n>` (an open of a pipe's /proc link yields a new fd on the same pipe, as runc's
+ * own tests do), and finally closes the control socket: the holders waiting on it exit and the
+ * stdin `cat` starts. The relays outlive thaw; each `cat` exits at EOF (container gone) or on
+ * `stopRelays`.
+ */
+export async function interposeStdio(stdio: StdioFds, opts: { signal?: AbortSignal } = {}): Promise<InterposedStdio> {
+  const needs = stdio.map((slot) => slot === 'ignore' || !isAnonymousPipe(slot));
+  if (!needs.some(Boolean)) return passThrough(stdio);
+
+  const opened: number[] = [];
+  const closeAll = () => {
+    for (const fd of opened.splice(0)) closeQuietly(fd);
+  };
+  const devNull = (flags: number) => {
+    const fd = openSync('/dev/null', flags);
+    opened.push(fd);
+    return fd;
+  };
+  const [inSlot, outSlot, errSlot] = stdio;
+  const src = needs[0] ? (inSlot === 'ignore' ? devNull(fsConstants.O_RDONLY) : inSlot) : 'ignore';
+  const dst1 = needs[1] ? (outSlot === 'ignore' ? devNull(fsConstants.O_WRONLY) : outSlot) : 'ignore';
+  const dst2 = needs[2] ? (errSlot === 'ignore' ? devNull(fsConstants.O_WRONLY) : errSlot) : 'ignore';
+
+  // fds in the relay shell: 3 stdin source, 4 stdout target, 5 stderr target, 6 control socket
+  // (EOF = go), 8 = the shell's stdout, where pids are reported. Every relay closes what it does not use.
+  const lines = ['exec </dev/null 2>/dev/null 8>&1'];
+  if (needs[0]) {
+    // The group reports its own pid (a child's $PPID): it becomes the `cat`, and its fd 1 is the pipe.
+    const from = typeof src === 'number' && isFifo(src) ? '/proc/self/fd/3' : '&3';
+    lines.push(`{ exec 4>&- 5>&-; sh -c 'echo "stdin $PPID 1"' >&8; exec 8>&-; read _ <&6; exec cat <${from} 3<&- 6<&-; } | : &`);
+  }
+  for (const [i, role] of [
+    [1, 'stdout'],
+    [2, 'stderr'],
+  ] as const) {
+    if (!needs[i]) continue;
+    const target = i === 1 ? 4 : 5;
+    lines.push(`{ exec 3<&- 4>&- 5>&- 8>&-; read _ <&6; } | exec cat >&${target} 3<&- 4>&- 5>&- 6<&- 8>&- &`);
+    lines.push(`echo "${role} $! 0"`);
+  }
+  const expected = needs.filter(Boolean).length;
+  const child = spawn('/bin/sh', ['-c', lines.join('\n')], {
+    stdio: ['ignore', 'pipe', 'ignore', src, dst1, dst2, 'pipe'],
+    detached: true,
+  });
+  const control = (child.stdio as readonly unknown[])[6] as { destroy(): void } | null | undefined;
+  const relays: RelayRecord[] = [];
+  const ours: number[] = [];
+  try {
+    const reports = await readReports(child, expected, opts.signal);
+    const fds: RuncStdioSlot[] = [...stdio];
+    for (const r of reports) {
+      const link = `/proc/${r.pid}/fd/${r.fd}`;
+      await untilPipe(link, opts.signal);
+      const slot = r.role === 'stdin' ? 0 : r.role === 'stdout' ? 1 : 2;
+      const fd = openSync(link, slot === 0 ? fsConstants.O_RDONLY : fsConstants.O_WRONLY);
+      ours.push(fd);
+      fds[slot] = fd;
+      relays.push({ pid: r.pid, startTime: procStat(r.pid)?.startTime ?? 0, role: r.role });
+    }
+    return {
+      fds: fds as unknown as RuncStdio,
+      relays,
+      close: () => {
+        for (const fd of ours.splice(0)) closeQuietly(fd);
+      },
+    };
+  } catch (err) {
+    for (const fd of ours.splice(0)) closeQuietly(fd);
+    killGroup(child.pid);
+    throw err instanceof ShimError ? err : new ShimError('Internal', `cannot set up stdio pipes: ${(err as Error).message}`, { cause: err });
+  } finally {
+    // Go: the holders see EOF and exit, the stdin relay starts copying.
+    control?.destroy();
+    child.stdout?.destroy();
+    child.unref();
+    closeAll();
+  }
+}
+
+interface RelayReport {
+  role: RelayRecord['role'];
+  pid: number;
+  /** The relay's fd that is the pipe. */
+  fd: number;
+}
+
+function readReports(child: ReturnType<typeof spawn>, expected: number, signal?: AbortSignal): Promise<RelayReport[]> {
+  return new Promise((resolvePromise, reject) => {
+    let text = '';
+    const reports: RelayReport[] = [];
+    const timer = setTimeout(() => done(new Error(`relay shell reported ${reports.length} of ${expected} pipes in ${RELAY_SETUP_TIMEOUT_MS} ms`)), RELAY_SETUP_TIMEOUT_MS);
+    const onAbort = () => done(new ShimError('Canceled', 'stdio set-up canceled', { cause: signal?.reason }));
+    signal?.addEventListener('abort', onAbort, { once: true });
+    const done = (err?: Error) => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
+      child.stdout?.removeAllListeners('data');
+      if (err) reject(err);
+      else resolvePromise(reports);
+    };
+    child.on('error', (err) => done(err));
+    child.stdout?.on('data', (chunk: Buffer) => {
+      text += chunk.toString('utf8');
+      let nl: number;
+      while ((nl = text.indexOf('\n')) >= 0) {
+        const line = text.slice(0, nl).trim();
+        text = text.slice(nl + 1);
+        const m = /^(stdin|stdout|stderr) (\d+) (\d+)$/.exec(line);
+        if (m) reports.push({ role: m[1] as RelayReport['role'], pid: Number(m[2]), fd: Number(m[3]) });
+      }
+      if (reports.length >= expected) done();
+    });
+    child.stdout?.on('end', () => {
+      if (reports.length < expected) done(new Error(`relay shell exited after reporting ${reports.length} of ${expected} pipes`));
+    });
+  });
+}
+
+/** The relay sets up its pipe right after fork: wait until its /proc link shows one. */
+async function untilPipe(link: string, signal?: AbortSignal): Promise<void> {
+  const deadline = performance.now() + RELAY_SETUP_TIMEOUT_MS;
+  for (;;) {
+    let target = '';
+    try {
+      target = readlinkSync(link);
+    } catch {
+      // not there yet
+    }
+    if (target.startsWith('pipe:[')) return;
+    if (signal?.aborted) throw new ShimError('Canceled', 'stdio set-up canceled', { cause: signal.reason });
+    if (performance.now() > deadline) throw new Error(`${link} never became a pipe`);
+    await sleep(1);
+  }
+}
+
+/**
+ * Stops relays: the stdin one at once (it may block reading the caller's fd forever); output ones
+ * get `drainMs` to copy what is left and exit at EOF, then are killed. Pid reuse is ruled out by the
+ * recorded start time.
+ */
+export async function stopRelays(relays: readonly RelayRecord[], opts: { drainMs: number }): Promise<void> {
+  const alive = (r: RelayRecord) => {
+    const st = procStat(r.pid);
+    return st !== null && st.state !== 'Z' && st.startTime === r.startTime;
+  };
+  const kill = (r: RelayRecord) => {
+    if (!alive(r)) return;
+    try {
+      process.kill(r.pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  };
+  relays.filter((r) => r.role === 'stdin').forEach(kill);
+  const outputs = relays.filter((r) => r.role !== 'stdin');
+  const deadline = performance.now() + opts.drainMs;
+  while (outputs.some(alive) && performance.now() < deadline) await sleep(20);
+  outputs.forEach(kill);
+}
+
+function isFifo(fd: number): boolean {
+  try {
+    return fstatSync(fd).isFIFO();
+  } catch {
+    return false;
+  }
+}
+
+function killGroup(pid: number | undefined): void {
+  if (pid === undefined) return;
+  try {
+    process.kill(-pid, 'SIGKILL');
+  } catch {
+    // the group is gone
+  }
+}
+
+function closeQuietly(fd: number): void {
+  try {
+    closeSync(fd);
+  } catch {
+    // already closed
+  }
+}
+
+// ---- processes ----
+
+export interface ProcStat {
+  /** R, S, D, Z, T, X, … */
+  state: string;
+  /** Clock ticks since boot (field 22): tells a reused pid apart. */
+  startTime: number;
+  /** waitpid-style status (field 52), meaningful for zombies. */
+  exitCode: number;
+}
+
+/** /proc/<pid>/stat, or null when there is no such process. */
+export function procStat(pid: number): ProcStat | null {
+  let text: string;
+  try {
+    text = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return null;
+  }
+  // comm may hold spaces and parentheses: fields start after the last ')'.
+  const fields = text.slice(text.lastIndexOf(')') + 2).trim().split(' ');
+  return { state: fields[0] ?? '', startTime: Number(fields[19] ?? 0), exitCode: Number(fields[49] ?? 0) };
+}
+
+/** A waitpid status → containerd's exit status (code, or 128 + signal). */
+export function decodeWaitStatus(status: number): number {
+  const signal = status & 0x7f;
+  return signal === 0 ? (status >> 8) & 0xff : 128 + signal;
+}
+
+/**
+ * Polls until the process is gone or a zombie; returns the exit status when the zombie was seen,
+ * null when it was reaped (or replaced) before.
+ */
+async function waitForExit(proc: { pid: number; startTime: number }, signal?: AbortSignal): Promise<number | null> {
+  let delay = 50;
+  for (;;) {
+    const st = procStat(proc.pid);
+    if (st === null || (proc.startTime !== 0 && st.startTime !== proc.startTime)) return null;
+    if (st.state === 'Z' || st.state === 'X') return decodeWaitStatus(st.exitCode);
+    if (signal?.aborted) throw new ShimError('Canceled', `wait for pid ${proc.pid} canceled`, { cause: signal.reason });
+    try {
+      await sleep(delay, undefined, { signal });
+    } catch {
+      throw new ShimError('Canceled', `wait for pid ${proc.pid} canceled`, { cause: signal?.reason });
+    }
+    delay = Math.min(500, Math.round(delay * 1.5));
+  }
+}
+
+async function readInit(pidFile: string): Promise<{ pid: number; startTime: number }> {
+  const text = (await readFile(pidFile, 'utf8').catch(() => '')).trim();
+  const pid = Number(text);
+  if (text === '' || !Number.isSafeInteger(pid) || pid <= 0) {
+    throw new RuncError('Internal', `runc wrote no init pid to ${pidFile}`, { argv: [], exitCode: undefined, logLine: '' });
+  }
+  return { pid, startTime: procStat(pid)?.startTime ?? 0 };
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await stat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function isRecord(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+function round(ms: number): number {
+  return Math.round(ms * 10) / 10;
+}

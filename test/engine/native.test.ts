@@ -1,0 +1,476 @@
+import { spawn } from 'node:child_process';
+import { chmodSync, closeSync, constants, existsSync, mkdirSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { execa } from 'execa';
+import t, { type Test } from 'tap';
+import { runtimeIdFor } from '../../src/engine/container-id.js';
+import type { GpuCheckpointRecord, GpuHooks } from '../../src/engine/engine.js';
+import {
+  GPU_RECORD_FILE,
+  NATIVE_IMAGE_FILE,
+  NativeEngine,
+  UNKNOWN_EXIT_STATUS,
+  decodeWaitStatus,
+  interposeStdio,
+  isAnonymousPipe,
+  procStat,
+  stopRelays,
+  type NativeEngineOptions,
+} from '../../src/engine/native.js';
+import { RuncError } from '../../src/errors.js';
+import { clearCriuVersionCache } from '../../src/runc/criu.js';
+
+const FAKE = fileURLToPath(new URL('../fixtures/bin/fake-runc', import.meta.url));
+
+interface Plan {
+  stdout?: string;
+  log?: string;
+  exit?: number;
+  files?: Record<string, string>;
+  workfiles?: Record<string, string>;
+  capture?: string[];
+}
+
+/** Fake GPU hooks recording what the engine asked of them. */
+class FakeGpu implements GpuHooks {
+  readonly calls: [string, unknown, unknown?][] = [];
+  failAfterRestore = false;
+  async beforeCheckpoint(pids: readonly number[]): Promise<GpuCheckpointRecord> {
+    this.calls.push(['beforeCheckpoint', [...pids]]);
+    return { pids: [...pids], timings: { lock: 1 } };
+  }
+  async resumeAfterCheckpoint(record: GpuCheckpointRecord): Promise<void> {
+    this.calls.push(['resumeAfterCheckpoint', record.pids]);
+  }
+  async afterRestore(record: GpuCheckpointRecord, pids: readonly number[]): Promise<void> {
+    this.calls.push(['afterRestore', record.pids, [...pids]]);
+    if (this.failAfterRestore) throw new Error('CUDA restore failed');
+  }
+}
+
+/** A NativeEngine over fake-runc and a fake CRIU, a source bundle, and helpers. */
+function setup(t: Test, extra: Partial<NativeEngineOptions> = {}) {
+  const dir = t.testdir();
+  const ctl = join(dir, 'fake');
+  mkdirSync(ctl);
+  process.env.FAKE_RUNC_DIR = ctl;
+  const criu = join(dir, 'criu');
+  writeFileSync(criu, '#!/bin/sh\n[ "$1" = --version ] && echo "Version: 4.1.1"\n');
+  chmodSync(criu, 0o755);
+  clearCriuVersionCache();
+  const bundle = join(dir, 'bundle');
+  mkdirSync(join(bundle, 'rootfs'), { recursive: true });
+  const spec = {
+    ociVersion: '1.0.2',
+    process: { terminal: false, args: ['/bin/app'], cwd: '/' },
+    root: { path: 'rootfs', readonly: true },
+    mounts: [
+      { destination: '/proc', type: 'proc', source: 'proc' },
+      { destination: '/data', type: 'bind', source: 'data', options: ['rbind', 'ro'] },
+    ],
+    annotations: { keep: 'me' },
+    linux: { namespaces: [{ type: 'pid' }, { type: 'mount' }] },
+  };
+  writeFileSync(join(bundle, 'config.json'), JSON.stringify(spec));
+  const root = join(dir, 'state');
+  const gpu = new FakeGpu();
+  const engine = new NativeEngine({ runcPath: FAKE, criuPath: criu, root, gpu, ...extra });
+  const plan = (verb: string, p: Plan) => {
+    for (const ext of ['stdout', 'log', 'exit', 'capture']) writeOrRemove(join(ctl, `${verb}.${ext}`), undefined);
+    for (const ext of ['files', 'workfiles']) writeOrRemove(join(ctl, `${verb}.${ext}`), undefined);
+    writeOrRemove(join(ctl, `${verb}.stdout`), p.stdout);
+    writeOrRemove(join(ctl, `${verb}.log`), p.log);
+    writeOrRemove(join(ctl, `${verb}.exit`), p.exit === undefined ? undefined : String(p.exit));
+    writeOrRemove(join(ctl, `${verb}.capture`), p.capture?.map((l) => `${l}\n`).join(''));
+    for (const [ext, files] of [
+      ['files', p.files],
+      ['workfiles', p.workfiles],
+    ] as const) {
+      if (files === undefined) continue;
+      mkdirSync(join(ctl, `${verb}.${ext}`));
+      for (const [name, text] of Object.entries(files)) writeFileSync(join(ctl, `${verb}.${ext}`, name), text);
+    }
+  };
+  const calls = (): string[][] => {
+    const file = join(ctl, 'calls');
+    if (!existsSync(file)) return [];
+    return readFileSync(file, 'utf8')
+      .split('\x1e')
+      .slice(0, -1)
+      .map((call) => call.split('\x1f').slice(0, -1))
+      .map((argv) => {
+        // Drop the global flags: the Runc tests pin those.
+        const i = argv.indexOf('--log-format');
+        return i >= 0 ? argv.slice(i + 2) : argv;
+      });
+  };
+  const stdioSeen = (): string[] => readFileSync(join(ctl, 'stdio'), 'utf8').trim().split('\n');
+  const containerDir = (id: string) => join(root, 'containers', runtimeIdFor(id));
+  return { dir, ctl, bundle, root, engine, gpu, plan, calls, stdioSeen, containerDir, criu };
+}
+
+function writeOrRemove(path: string, text: string | undefined): void {
+  if (text === undefined) rmSync(path, { recursive: true, force: true });
+  else writeFileSync(path, text);
+}
+
+/** A process that lives for `seconds` (the fake init). */
+function liveProcess(t: Test, seconds = 60): number {
+  const child = spawn('sleep', [String(seconds)], { stdio: 'ignore' });
+  t.teardown(() => {
+    child.kill('SIGKILL');
+  });
+  return child.pid!;
+}
+
+async function until<T>(what: string, fn: () => T | undefined, timeoutMs = 10_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = fn();
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+function readAvailable(fd: number, max = 4096): string {
+  const buf = Buffer.alloc(max);
+  const n = readSync(fd, buf, 0, max, null);
+  return buf.subarray(0, n).toString('utf8');
+}
+
+t.test('create writes a private bundle and gives runc pipes relayed to the caller’s file', async (t) => {
+  const { engine, plan, calls, stdioSeen, containerDir, bundle, dir, ctl } = setup(t);
+  const pid = liveProcess(t);
+  plan('create', { files: { 'pid-file': `${pid}\n` }, stdout: 'hello through the relay\n' });
+  const out = openSync(join(dir, 'out.txt'), 'w');
+  t.teardown(() => closeSync(out));
+  const before = readFileSync(join(bundle, 'config.json'), 'utf8');
+
+  const state = await engine.create({ id: 'app', bundle, stdio: ['ignore', out, out] });
+  t.same(state, { id: 'app', status: 'created', pid });
+  const rid = runtimeIdFor('app');
+  const cdir = containerDir('app');
+  t.same(calls(), [['create', '--bundle', join(cdir, 'bundle'), '--pid-file', join(cdir, 'init.pid'), rid]]);
+  t.match(stdioSeen()[0], /^create pipe:\[\d+\] pipe:\[\d+\] pipe:\[\d+\]$/, 'runc got anonymous pipes');
+  await until('relayed output', () => (readFileSync(join(dir, 'out.txt'), 'utf8').includes('hello through the relay') ? true : undefined));
+
+  const spec = JSON.parse(readFileSync(join(cdir, 'bundle', 'config.json'), 'utf8'));
+  t.equal(spec.root.path, join(bundle, 'rootfs'), 'root made absolute');
+  t.equal(spec.mounts[1].source, join(bundle, 'data'), 'relative bind source made absolute');
+  t.equal(spec.mounts[0].source, 'proc', 'other sources kept');
+  t.equal(spec.linux.cgroupsPath, `/thaw/${rid}`, 'a fixed absolute cgroup path');
+  t.same(spec.annotations, { keep: 'me', 'org.criu.config': join(cdir, 'criu.conf') });
+  t.notOk(existsSync(join(cdir, 'criu.conf')), 'no CRIU config outside a restore');
+  t.equal(readFileSync(join(bundle, 'config.json'), 'utf8'), before, 'the caller’s bundle is untouched');
+
+  // The fake runc has exited, so every writer of the output pipes is gone: the relays end by themselves.
+  const rec = JSON.parse(readFileSync(join(cdir, 'container.json'), 'utf8'));
+  t.equal(rec.relays.length, 3);
+  await until('relays to exit', () => (rec.relays.every((r: { pid: number }) => procStat(r.pid) === null || procStat(r.pid)?.state === 'Z') ? true : undefined));
+
+  await t.rejects(engine.create({ id: 'app', bundle, stdio: ['ignore', 'ignore', 'ignore'] }), { code: 'AlreadyExists' });
+  await engine.delete('app');
+  t.same(calls().at(-1), ['delete', rid]);
+  t.notOk(existsSync(cdir), 'state dir removed');
+  plan('delete', { exit: 1, log: '{"level":"error","msg":"container does not exist","time":"t"}\n' });
+  await t.rejects(engine.delete('app'), { code: 'NotFound' }, 'unknown to runc and to thaw');
+  t.ok(existsSync(ctl));
+});
+
+t.test('an existing cgroupsPath is kept (made absolute) and the caller’s CRIU config is carried over', async (t) => {
+  const { engine, plan, bundle, containerDir, dir } = setup(t);
+  const userConf = join(dir, 'user.conf');
+  writeFileSync(userConf, 'tcp-close');
+  const spec = JSON.parse(readFileSync(join(bundle, 'config.json'), 'utf8'));
+  spec.linux.cgroupsPath = 'kubepods/pod1/c1';
+  spec.annotations['org.criu.config'] = userConf;
+  writeFileSync(join(bundle, 'config.json'), JSON.stringify(spec));
+  plan('create', { files: { 'pid-file': `${liveProcess(t)}\n` } });
+  await engine.create({ id: 'k', bundle, stdio: ['ignore', 'ignore', 'ignore'] });
+  const priv = JSON.parse(readFileSync(join(containerDir('k'), 'bundle', 'config.json'), 'utf8'));
+  t.equal(priv.linux.cgroupsPath, '/kubepods/pod1/c1');
+  t.equal(readFileSync(join(containerDir('k'), 'criu.conf'), 'utf8'), 'tcp-close\n', 'the caller’s lines stay in effect');
+  await engine.delete('k');
+
+  spec.linux.cgroupsPath = '/a b';
+  writeFileSync(join(bundle, 'config.json'), JSON.stringify(spec));
+  await t.rejects(engine.create({ id: 'w', bundle, stdio: ['ignore', 'ignore', 'ignore'] }), { code: 'InvalidArgument' });
+  t.notOk(existsSync(containerDir('w')), 'nothing left after a refused create');
+});
+
+t.test('a failed create leaves nothing behind', async (t) => {
+  const { engine, plan, bundle, containerDir, dir } = setup(t);
+  plan('create', { exit: 1, log: '{"level":"error","msg":"runc create failed: unable to start container process: exec: \\"/bin/app\\": no such file","time":"t"}\n' });
+  const out = openSync(join(dir, 'out.txt'), 'w');
+  t.teardown(() => closeSync(out));
+  const err = await engine.create({ id: 'bad', bundle, stdio: ['ignore', out, out] }).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  t.type(err, RuncError);
+  t.match((err as RuncError).logLine, /no such file/);
+  t.notOk(existsSync(containerDir('bad')));
+});
+
+t.test('restore: cgroup-root for CRIU only during runc restore, then the GPU gets the new pids', async (t) => {
+  const { engine, gpu, plan, calls, bundle, containerDir, dir, ctl } = setup(t);
+  const image = join(dir, 'image');
+  mkdirSync(image);
+  writeFileSync(join(image, 'descriptors.json'), '["pipe:[1]","pipe:[2]","pipe:[2]"]');
+  writeFileSync(join(image, NATIVE_IMAGE_FILE), JSON.stringify({ version: 1, runc: '1.1.5', criu: '4.1.1', pids: [7], hostPidNamespace: false, cgroupsPath: '/thaw/old', leaveRunning: false }));
+  writeFileSync(join(image, GPU_RECORD_FILE), JSON.stringify({ pids: [7], timings: {}, devices: ['GPU-1'] }));
+  const pid = liveProcess(t);
+  plan('restore', { files: { 'pid-file': `${pid}\n` }, capture: ['../criu.conf'] });
+  plan('ps', { stdout: `[${pid},${pid + 1}]` });
+  plan('state', { stdout: JSON.stringify({ id: 'x', pid, status: 'running', bundle: '/b' }) });
+
+  const state = await engine.restore({ id: 'copy', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image });
+  t.same(state, { id: 'copy', status: 'running', pid });
+  const rid = runtimeIdFor('copy');
+  const cdir = containerDir('copy');
+  t.same(calls().slice(0, 1), [
+    ['restore', '--detach', '--image-path', image, '--work-path', join(cdir, 'restore-work'), '--bundle', join(cdir, 'bundle'), '--pid-file', join(cdir, 'init.pid'), rid],
+  ]);
+  t.equal(readFileSync(join(ctl, 'captured', 'restore.criu.conf'), 'utf8'), `cgroup-root /thaw/${rid}\n`, 'CRIU restores into the new container’s cgroup');
+  t.notOk(existsSync(join(cdir, 'criu.conf')), 'and the config is gone afterwards');
+  t.same(gpu.calls, [['afterRestore', [7], [pid, pid + 1]]]);
+});
+
+t.test('a failed restore undoes everything; a failed GPU restore deletes the container', async (t) => {
+  const { engine, gpu, plan, calls, bundle, containerDir, dir } = setup(t);
+  const image = join(dir, 'image');
+  mkdirSync(image);
+  writeFileSync(join(image, 'descriptors.json'), '[]');
+  writeFileSync(join(image, GPU_RECORD_FILE), JSON.stringify({ pids: [7], timings: {} }));
+  plan('restore', {
+    exit: 1,
+    log: '{"level":"error","msg":"criu failed: type NOTIFY errno 0\\nlog file: x","time":"t"}\n',
+    workfiles: { 'restore.log': '(00.1) Error (criu/files-reg.c:1): Can\'t open file x\n(00.2) Error (criu/cr-restore.c:2): Restoring FAILED.\n' },
+  });
+  await t.rejects(engine.restore({ id: 'r1', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image }), {
+    name: 'RuncError',
+    message: /criu: Can't open file x/,
+  });
+  t.notOk(existsSync(containerDir('r1')));
+  t.same(gpu.calls, [], 'no GPU step after a failed runc restore');
+
+  plan('restore', { files: { 'pid-file': `${liveProcess(t)}\n` } });
+  plan('ps', { stdout: '[1]' });
+  gpu.failAfterRestore = true;
+  await t.rejects(engine.restore({ id: 'r2', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image }), { message: 'CUDA restore failed' });
+  t.same(calls().at(-1), ['delete', '--force', runtimeIdFor('r2')], 'the restored container is removed');
+  t.notOk(existsSync(containerDir('r2')));
+});
+
+t.test('restore refuses what it cannot do before touching anything', async (t) => {
+  const { bundle, dir, calls, containerDir, criu, root } = setup(t);
+  const noGpu = new NativeEngine({ runcPath: FAKE, criuPath: criu, root });
+  const quick = new NativeEngine({ runcPath: FAKE, criuPath: criu, root, gpu: new FakeGpu(), pidReleaseTimeoutMs: 200 });
+  const image = join(dir, 'image');
+  mkdirSync(image);
+  writeFileSync(join(image, 'descriptors.json'), '[]');
+  writeFileSync(join(image, GPU_RECORD_FILE), JSON.stringify({ pids: [7], timings: {} }));
+  await t.rejects(noGpu.restore({ id: 'g', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image }), {
+    code: 'FailedPrecondition',
+    message: /CUDA state/,
+  });
+
+  const hostPids = join(dir, 'host-pids');
+  mkdirSync(hostPids);
+  writeFileSync(join(hostPids, 'descriptors.json'), '[]');
+  writeFileSync(
+    join(hostPids, NATIVE_IMAGE_FILE),
+    JSON.stringify({ version: 1, runc: '1.1.5', criu: '4.1.1', pids: [process.pid], hostPidNamespace: true, cgroupsPath: '/x', leaveRunning: true }),
+  );
+  await t.rejects(quick.restore({ id: 'h', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: hostPids }), {
+    code: 'FailedPrecondition',
+    message: /still in use \(the source is still running/,
+  });
+
+  const empty = join(dir, 'empty');
+  mkdirSync(empty);
+  await t.rejects(noGpu.restore({ id: 'e', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: empty }), { code: 'DataLoss' });
+  t.same(calls(), []);
+  t.notOk(existsSync(containerDir('g')));
+});
+
+t.test('checkpoint: GPU hooks around runc checkpoint, records next to the image', async (t) => {
+  const { engine, gpu, plan, calls, bundle, containerDir, dir } = setup(t);
+  plan('create', { files: { 'pid-file': `${liveProcess(t)}\n` } });
+  plan('ps', { stdout: '[101,102]' });
+  plan('version', { stdout: 'runc version 1.1.5+ds1\ncommit: x\nspec: 1.0.2-dev\n' });
+  await engine.create({ id: 'src', bundle, stdio: ['ignore', 'ignore', 'ignore'] });
+  const rid = runtimeIdFor('src');
+  const cdir = containerDir('src');
+
+  const image = join(dir, 'img1');
+  mkdirSync(image);
+  await engine.checkpoint('src', { imageDir: image, leaveRunning: false });
+  t.same(calls().slice(1), [
+    ['ps', '--format', 'json', rid],
+    ['checkpoint', '--image-path', image, '--work-path', join(cdir, 'checkpoint-work'), rid],
+    ['--version'],
+  ]);
+  t.same(gpu.calls, [['beforeCheckpoint', [101, 102]]], 'no resume: the container is gone');
+  t.same(JSON.parse(readFileSync(join(image, NATIVE_IMAGE_FILE), 'utf8')), {
+    version: 1,
+    runc: '1.1.5+ds1',
+    criu: '4.1.1',
+    pids: [101, 102],
+    hostPidNamespace: false,
+    cgroupsPath: `/thaw/${rid}`,
+    leaveRunning: false,
+  });
+  t.same(JSON.parse(readFileSync(join(image, GPU_RECORD_FILE), 'utf8')), { pids: [101, 102], timings: { lock: 1 } });
+
+  gpu.calls.length = 0;
+  const image2 = join(dir, 'img2');
+  mkdirSync(image2);
+  await engine.checkpoint('src', { imageDir: image2, leaveRunning: true });
+  t.same(calls().at(-1), ['checkpoint', '--image-path', image2, '--work-path', join(cdir, 'checkpoint-work'), '--leave-running', rid]);
+  t.same(gpu.calls, [['beforeCheckpoint', [101, 102]], ['resumeAfterCheckpoint', [101, 102]]], 'leaveRunning resumes the GPU');
+
+  gpu.calls.length = 0;
+  const image3 = join(dir, 'img3');
+  mkdirSync(image3);
+  plan('checkpoint', {
+    exit: 1,
+    log: '{"level":"error","msg":"criu failed: type NOTIFY errno 0\\nlog file: x","time":"t"}\n',
+    workfiles: { 'dump.log': "(00.06) Error (criu/files-reg.c:1790): Can't lookup mount=27 for fd=1 path=/tmp/out\n(00.07) Error (criu/cr-dump.c:2111): Dumping FAILED.\n" },
+  });
+  await t.rejects(engine.checkpoint('src', { imageDir: image3, leaveRunning: false }), {
+    name: 'RuncError',
+    logLine: /criu: Can't lookup mount=27 for fd=1/,
+  });
+  t.same(gpu.calls, [['beforeCheckpoint', [101, 102]], ['resumeAfterCheckpoint', [101, 102]]], 'a failed dump resumes the GPU');
+  t.notOk(existsSync(join(image3, GPU_RECORD_FILE)));
+  await t.rejects(engine.checkpoint('nope', { imageDir: image3, leaveRunning: false }), { code: 'NotFound' });
+});
+
+t.test('state and delete after runc forgot the container (checkpointed without leaveRunning)', async (t) => {
+  const { engine, plan, bundle, containerDir } = setup(t);
+  plan('create', { files: { 'pid-file': `${liveProcess(t)}\n` } });
+  await engine.create({ id: 'gone', bundle, stdio: ['ignore', 'ignore', 'ignore'] });
+  plan('state', { exit: 1, log: '{"level":"error","msg":"container does not exist","time":"t"}\n' });
+  plan('delete', { exit: 1, log: '{"level":"error","msg":"container does not exist","time":"t"}\n' });
+  t.same(await engine.state('gone'), { id: 'gone', status: 'stopped', pid: 0 });
+  await engine.delete('gone');
+  t.notOk(existsSync(containerDir('gone')));
+  await t.rejects(engine.state('gone'), { code: 'NotFound' });
+  plan('delete', { exit: 1, log: '{"level":"error","msg":"cannot delete container that is not stopped: running","time":"t"}\n' });
+  plan('create', { files: { 'pid-file': `${liveProcess(t)}\n` } });
+  await engine.create({ id: 'busy', bundle, stdio: ['ignore', 'ignore', 'ignore'] });
+  await t.rejects(engine.delete('busy'), { code: 'FailedPrecondition' });
+  t.ok(existsSync(containerDir('busy')), 'kept when runc refuses');
+});
+
+t.test('wait: the zombie’s status when seen, else 137 after SIGKILL, else unknown', async (t) => {
+  const { engine, plan, bundle } = setup(t);
+  // A zombie nobody reaps for a while: sh forks a child that exits 7 once sh has become `sleep`.
+  const holder = spawn('sh', ['-c', '(sleep 0.3; exit 7) & echo $!; exec sleep 5'], { stdio: ['ignore', 'pipe', 'ignore'] });
+  t.teardown(() => holder.kill('SIGKILL'));
+  const zombie = Number(await new Promise<string>((resolve) => holder.stdout.once('data', (d: Buffer) => resolve(d.toString()))));
+  plan('create', { files: { 'pid-file': `${zombie}\n` } });
+  await engine.create({ id: 'z', bundle, stdio: ['ignore', 'ignore', 'ignore'] });
+  t.equal((await engine.wait('z')).exitStatus, 7);
+
+  const short = spawn('sleep', ['0.3'], { stdio: 'ignore' });
+  plan('create', { files: { 'pid-file': `${short.pid}\n` } });
+  await engine.create({ id: 'reaped', bundle, stdio: ['ignore', 'ignore', 'ignore'] });
+  t.equal((await engine.wait('reaped')).exitStatus, UNKNOWN_EXIT_STATUS, 'reaped by its parent before we looked');
+
+  const killed = spawn('sleep', ['30'], { stdio: 'ignore' });
+  plan('create', { files: { 'pid-file': `${killed.pid}\n` } });
+  await engine.create({ id: 'k', bundle, stdio: ['ignore', 'ignore', 'ignore'] });
+  const waiting = engine.wait('k');
+  await engine.kill('k', 9);
+  killed.kill('SIGKILL'); // the fake runc kill does nothing: do it here
+  t.equal((await waiting).exitStatus, 137);
+
+  const ac = new AbortController();
+  const forever = liveProcess(t);
+  plan('create', { files: { 'pid-file': `${forever}\n` } });
+  await engine.create({ id: 'f', bundle, stdio: ['ignore', 'ignore', 'ignore'] });
+  const aborted = engine.wait('f', ac.signal);
+  setTimeout(() => ac.abort(), 100);
+  await t.rejects(aborted, { code: 'Canceled' });
+  await t.rejects(engine.wait('none'), { code: 'NotFound' });
+});
+
+t.test('exec: pipes, the host pid, exit and kill', async (t) => {
+  const { engine, plan, calls, bundle, stdioSeen } = setup(t);
+  plan('create', { files: { 'pid-file': `${liveProcess(t)}\n` } });
+  await engine.create({ id: 'e', bundle, stdio: ['ignore', 'ignore', 'ignore'] });
+  const target = spawn('sh', ['-c', 'exec sleep 30'], { stdio: 'ignore' });
+  plan('exec', { files: { 'pid-file': `${target.pid}\n` } });
+  const h = await engine.exec('e', { process: { args: ['/bin/sh'], cwd: '/' }, stdio: ['ignore', 'ignore', 'ignore'] });
+  t.equal(h.pid, target.pid);
+  t.equal(calls().at(-1)![0], 'exec');
+  t.match(stdioSeen().at(-1), /^exec pipe:\[\d+\] pipe:\[\d+\] pipe:\[\d+\]$/);
+  await h.kill(15);
+  t.equal((await h.exited).exitStatus, UNKNOWN_EXIT_STATUS, 'reaped by Node before we looked');
+  await t.rejects(h.kill(15), { code: 'NotFound' });
+});
+
+t.test('interposeStdio: files, FIFOs and nothing become relayed pipes; pipes pass through', async (t) => {
+  const dir = t.testdir();
+  const file = join(dir, 'out.txt');
+  const out = openSync(file, 'w');
+  t.teardown(() => closeSync(out));
+  const io = await interposeStdio(['ignore', out, 'ignore']);
+  const [inFd, outFd, errFd] = io.fds as [number, number, number];
+  t.ok([inFd, outFd, errFd].every(isAnonymousPipe), 'three anonymous pipes');
+  t.equal(io.relays.length, 3);
+  t.equal(readAvailable(inFd), '', 'stdin "ignore" reads EOF');
+  writeSync(outFd, 'to the file\n');
+  writeSync(errFd, 'to nowhere\n');
+
+  const again = await interposeStdio([inFd, outFd, errFd]);
+  t.same(again.fds, [inFd, outFd, errFd], 'anonymous pipes pass through');
+  t.same(again.relays, []);
+  io.close();
+  await until('relayed file contents', () => (readFileSync(file, 'utf8') === 'to the file\n' ? true : undefined));
+  await until('output relays to end at EOF', () => (io.relays.every((r) => procStat(r.pid) === null || procStat(r.pid)!.state === 'Z') ? true : undefined));
+
+  // stdin from a FIFO the shim opened non-blocking (cat would fail on EAGAIN without the reopen).
+  const fifo = join(dir, 'in.fifo');
+  await execa('mkfifo', [fifo]);
+  const reader = openSync(fifo, constants.O_RDONLY | constants.O_NONBLOCK);
+  const writer = openSync(fifo, constants.O_WRONLY);
+  t.teardown(() => {
+    closeSync(reader);
+  });
+  const fromFifo = await interposeStdio([reader, 'ignore', 'ignore']);
+  writeSync(writer, 'typed input\n');
+  const got = await until('stdin via the relay', () => {
+    const s = readAvailable(fromFifo.fds[0] as number);
+    return s === '' ? undefined : s;
+  });
+  t.equal(got, 'typed input\n');
+  // The stdin relay would block on the FIFO forever: stopRelays ends it.
+  const stdinRelay = fromFifo.relays.find((r) => r.role === 'stdin')!;
+  t.ok(procStat(stdinRelay.pid) !== null, 'stdin relay running');
+  await stopRelays(fromFifo.relays, { drainMs: 200 });
+  await until('stdin relay killed', () => (procStat(stdinRelay.pid) === null || procStat(stdinRelay.pid)!.state === 'Z' ? true : undefined));
+  closeSync(writer);
+  fromFifo.close();
+});
+
+t.test('/proc parsing and wait statuses', async (t) => {
+  const me = procStat(process.pid)!;
+  t.ok(me.startTime > 0);
+  t.match(me.state, /^[RS]$/);
+  t.equal(procStat(0x7ffffff0), null);
+  t.equal(decodeWaitStatus(7 << 8), 7);
+  t.equal(decodeWaitStatus(9), 137);
+  t.equal(decodeWaitStatus(0), 0);
+});
+
+t.test('identity names runc and CRIU versions', async (t) => {
+  const { engine, plan } = setup(t);
+  plan('version', { stdout: 'runc version 1.1.5+ds1\ncommit: x\nspec: 1.0.2-dev\n' });
+  t.same(await engine.identity(), { engine: 'native', runtime: 'runc', version: '1.1.5+ds1', criu: '4.1.1' });
+});
