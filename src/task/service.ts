@@ -87,8 +87,6 @@ export class TaskService {
         if (this.#containers.has(req.id)) throw new ShimError('AlreadyExists', `container ${req.id} already exists`);
         const log = this.ctx.log.child({ id: req.id });
         await using cleanup = new Cleanup((f) => log.warn({ err: f.err, step: f.name }, 'undo failed'));
-        // For `delete` after a crash, which gets no runtime options from containerd.
-        if (this.ctx.configPath) await writeFile(join(req.bundle, CONFIG_PATH_FILE), this.ctx.configPath);
         const rootfsTarget = await mountRootfs(req.bundle, req.rootfs);
         if (rootfsTarget) cleanup.add('unmount rootfs', () => unmountRootfs(rootfsTarget));
         const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal };
@@ -102,6 +100,9 @@ export class TaskService {
           stdio: io.fds,
           owner: 'shim',
         });
+        // For `delete` after a crash, which gets no runtime options from containerd. Written once
+        // plan() has read the bundle (a missing bundle is NotFound there) and before any sandbox.
+        if (this.ctx.configPath) await writeFile(join(req.bundle, CONFIG_PATH_FILE), this.ctx.configPath);
         const prepared = await lifecycle.create(plan);
         cleanup.add('delete container', () => plan.engine.delete(req.id, { force: true }));
         const init = new InitProcess({
