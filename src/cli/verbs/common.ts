@@ -19,10 +19,17 @@ export async function containerOf(rt: Runtime, id: string, namespace?: string): 
   return { record, engine };
 }
 
+/** Linux signal numbers (SIGRTMAX = 64); runsc would refuse others only after a lookup. */
+const MAX_SIGNAL = 64;
+
 /** `SIGUSR1`, `USR1`, `10` → 10. */
 export function parseSignal(value: string | undefined, fallback = 'SIGTERM'): number {
   const v = (value ?? fallback).toUpperCase();
-  if (/^\d+$/.test(v)) return Number(v);
+  if (/^\d+$/.test(v)) {
+    const n = Number(v);
+    if (n < 1 || n > MAX_SIGNAL) throw new ShimError('InvalidArgument', `unknown signal ${JSON.stringify(value)}: numbers are 1-${MAX_SIGNAL}`);
+    return n;
+  }
   const name = (v.startsWith('SIG') ? v : `SIG${v}`) as keyof typeof constants.signals;
   const n = constants.signals[name];
   if (n === undefined) throw new ShimError('InvalidArgument', `unknown signal ${JSON.stringify(value)}`);

@@ -1,6 +1,12 @@
-import { open } from 'node:fs/promises';
-import { resolve } from 'node:path';
+import { once } from 'node:events';
+import { closeSync, constants as fsc, fstatSync, openSync } from 'node:fs';
+import { mkdir, mkdtemp, open, rm } from 'node:fs/promises';
+import { Socket } from 'node:net';
+import { join, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { execa } from 'execa';
 import type { StdioSlot } from '../../engine/engine.js';
+import { tmpDirOf } from '../../engine/runtime.js';
 import type { GlobalOptions } from '../context.js';
 import type { VerbResult } from '../output.js';
 import { runtimeFor } from './common.js';
@@ -19,8 +25,15 @@ export default async function run(args: Record<string, unknown>, global: GlobalO
   // O_APPEND: a restored app resumes writing at its pre-checkpoint offset otherwise (runsc).
   const output = a.output ? await open(resolve(a.output), 'a') : undefined;
   const devnull = a.detach && !output ? await open('/dev/null', 'a') : undefined;
-  const out: StdioSlot = output?.fd ?? devnull?.fd ?? 1;
-  const err: StdioSlot = output?.fd ?? devnull?.fd ?? 2;
+  const relays: FifoRelay[] = [];
+  const own = async (fd: 1 | 2): Promise<StdioSlot> => {
+    if (!isSocket(fd)) return fd;
+    const relay = await FifoRelay.open(tmpDirOf(rt.config), fd === 1 ? process.stdout : process.stderr);
+    relays.push(relay);
+    return relay.writeFd;
+  };
+  const out: StdioSlot = output?.fd ?? devnull?.fd ?? (await own(1));
+  const err: StdioSlot = output?.fd ?? devnull?.fd ?? (await own(2));
   try {
     const started = await rt.lifecycle.run({
       id: a.id,
@@ -44,10 +57,72 @@ export default async function run(args: Record<string, unknown>, global: GlobalO
     const text = `${record.id}: ${record.decision} (${record.reason})`;
     if (a.detach) return { json, text };
     const engine = rt.lifecycle.engineOf(record)!;
+    // The sandbox holds its own copies of the relays' write ends: drop ours so they reach EOF.
+    for (const r of relays) r.closeWriter();
     const exit = await engine.wait(record.id);
+    for (const r of relays) await r.drained();
     return { json: { ...json, exitStatus: exit.exitStatus }, text: '', exitCode: exit.exitStatus };
   } finally {
     await output?.close();
     await devnull?.close();
+    for (const r of relays) r.close();
+  }
+}
+
+function isSocket(fd: number): boolean {
+  try {
+    return fstatSync(fd).isSocket();
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * gVisor shuts a host socket given as a container's stdio down when the container exits, so thaw's
+ * own later writes to it fail with EPIPE (Node parents, journald and others hand out sockets, not
+ * pipes). Such an fd reaches the container through a FIFO whose contents thaw copies across.
+ */
+class FifoRelay {
+  /** How long to wait for the sandbox to close the FIFO after the app exited. */
+  static readonly DRAIN_TIMEOUT_MS = 5_000;
+
+  private constructor(
+    private readonly reader: Socket,
+    private writeFdOpen: boolean,
+    readonly writeFd: number,
+    private readonly ended: Promise<unknown>,
+  ) {}
+
+  static async open(tmpDir: string, target: NodeJS.WritableStream): Promise<FifoRelay> {
+    await mkdir(tmpDir, { recursive: true, mode: 0o700 });
+    const dir = await mkdtemp(join(tmpDir, 'thaw-stdio-'));
+    try {
+      const path = join(dir, 'fifo');
+      await execa('mkfifo', ['-m', '600', path], { timeout: 10_000 });
+      // Reader first and non-blocking, so opening the write end does not block.
+      const reader = new Socket({ fd: openSync(path, fsc.O_RDONLY | fsc.O_NONBLOCK), readable: true, writable: false });
+      const writeFd = openSync(path, fsc.O_WRONLY);
+      const ended = once(reader, 'end').catch(() => undefined);
+      reader.pipe(target, { end: false });
+      return new FifoRelay(reader, true, writeFd, ended);
+    } finally {
+      await rm(dir, { recursive: true, force: true }); // the open ends keep the FIFO alive
+    }
+  }
+
+  /** Drops thaw's write end (the sandbox holds its own), so the reader sees EOF when the app is gone. */
+  closeWriter(): void {
+    if (this.writeFdOpen) closeSync(this.writeFd);
+    this.writeFdOpen = false;
+  }
+
+  /** Resolves once the sandbox has closed its end and everything was copied (or after a timeout). */
+  async drained(): Promise<void> {
+    await Promise.race([this.ended, sleep(FifoRelay.DRAIN_TIMEOUT_MS)]);
+  }
+
+  close(): void {
+    this.closeWriter();
+    this.reader.destroy();
   }
 }

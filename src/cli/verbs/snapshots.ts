@@ -53,8 +53,9 @@ export default async function snapshots(args: Record<string, unknown>, global: G
       return { json: { removed: r.key, bytes: r.bytes }, text: `removed ${r.key}` };
     }
     case 'gc': {
-      const maxBytes = Number(a.maxBytes);
-      if (!Number.isSafeInteger(maxBytes) || maxBytes < 0) {
+      // Digits only: Number() would read '' or ' ' as 0 (evicting everything) and accept 1e3 or 0x10.
+      const maxBytes = /^\d+$/.test(a.maxBytes ?? '') ? Number(a.maxBytes) : NaN;
+      if (!Number.isSafeInteger(maxBytes)) {
         throw new ShimError('InvalidArgument', `--max-bytes must be a non-negative integer (got ${JSON.stringify(a.maxBytes)})`);
       }
       const r = await store.gc({ maxBytes });

@@ -1,0 +1,127 @@
+import { mkdir, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import t from 'tap';
+import { ticks, until, waitForLine } from '../helpers/wait.js';
+import { entries, integrationSkip, thawWorld, treeFingerprint } from '../helpers/world.js';
+
+/**
+ * `bin/thaw` end to end with the real runsc (systrap, network none), as root, on temp --root and
+ * --store directories: cold start → checkpoint → delete → restore under a new id with memory
+ * intact; `thaw ps` decisions; `thaw run` without --detach passing on the exit code; bad input
+ * against a store holding a real snapshot. Needs THAW_INTEGRATION=1.
+ */
+const skip = await integrationSkip();
+const MIB = 128;
+
+t.test('cold run, checkpoint, delete, run again: restored under a new id with memory intact', { skip }, async (t) => {
+  const w = await thawWorld(t);
+  const bundle = await w.bundle('app', { mib: MIB, initMs: 200, tickMs: 100 });
+  const coldOut = w.out('cold');
+
+  const cold = await w.thawOk(['run', '--bundle', bundle, '--id', 'src', '--detach', '--output', coldOut]);
+  t.match(cold, { id: 'src', decision: 'cold', snapshot: null, reason: 'no snapshot for this key', fallback: null, engine: 'gvisor' });
+  t.ok((cold.pid as number) > 0, 'a sandbox pid');
+  t.match(cold.timings, { 'read-spec': Number, key: Number, lookup: Number, create: Number, start: Number });
+  await waitForLine(coldOut, /^READY /);
+  await waitForLine(coldOut, /^TICK n=3 /);
+
+  const ps1 = await w.thawOk(['ps']);
+  t.match(ps1, { containers: [{ id: 'src', status: 'running', restore: { decision: 'cold', snapshot: null, reason: 'no snapshot for this key' } }] });
+
+  const before = await ticks(coldOut);
+  const ckpt = await w.thawOk(['checkpoint', 'src']);
+  const key = ckpt.snapshot as string;
+  t.match(key, /^[0-9a-f]{64}$/, 'checkpoint names the snapshot key');
+  t.ok((ckpt.bytes as number) > MIB << 20, `snapshot holds the app's memory (${String(ckpt.bytes)} bytes)`);
+  t.match(ckpt.timings, { checkpoint: Number, commit: Number });
+  const ls = await w.thawOk(['snapshots', 'ls']);
+  t.match(ls, { snapshots: [{ key, bytes: ckpt.bytes, engine: 'gvisor', restoreCount: 0 }] });
+
+  // The source stops asynchronously; its last ticks may postdate the image.
+  await until('the source to stop', async () => {
+    const ps = await w.thawOk(['ps']);
+    return (ps.containers as { status: string }[])[0]?.status === 'stopped' ? true : undefined;
+  });
+  const after = await ticks(coldOut);
+  await w.thawOk(['delete', '--force', 'src']);
+  t.same((await w.thawOk(['ps'])).containers, [], 'delete removes the container');
+
+  const restoredOut = w.out('restored');
+  const restored = await w.thawOk(['run', '--bundle', bundle, '--id', 'copy', '--detach', '--output', restoredOut]);
+  t.match(restored, { id: 'copy', decision: 'restore', snapshot: key, reason: /^verified snapshot \(\d+ bytes\)$/, fallback: null });
+  t.match(restored.timings, { stage: Number, create: Number, restore: Number });
+  const first = await waitForLine(restoredOut, /^TICK n=(\d+) /);
+  const n = Number(first.match[1]);
+  t.ok(n > before.at(-1)!, `ticks go on from the checkpoint (first tick ${n}, last before the checkpoint ${before.at(-1)})`);
+  t.ok(n <= after.at(-1)! + 1, `and not past the source's last tick ${after.at(-1)}`);
+  t.notOk((await waitForLine(restoredOut, /^/)).line.startsWith('START'), 'the restored app did not start over');
+
+  await w.thawOk(['kill', 'copy', 'SIGUSR1']);
+  const verify = await waitForLine(restoredOut, /^VERIFY /);
+  t.match(verify.line, new RegExp(`^VERIFY OK t=\\d+ words=${(MIB << 20) / 8} bad=0$`), 'every byte of memory came back');
+
+  // thaw ps shows each container's decision: the restored copy and a forced cold start beside it.
+  await w.thawOk(['run', '--bundle', bundle, '--id', 'forced', '--detach', '--cold', '--output', w.out('forced')]);
+  const ps2 = (await w.thawOk(['ps'])).containers as Record<string, unknown>[];
+  const byId = Object.fromEntries(ps2.map((c) => [c.id, c]));
+  t.match(byId.copy, { status: 'running', restore: { decision: 'restore', snapshot: key, reason: /^verified snapshot/, fallback: null } });
+  t.match(byId.forced, { status: 'running', restore: { decision: 'cold', snapshot: null, reason: 'cold start requested', fallback: null } });
+  t.match((await w.thawOk(['snapshots', 'ls'])).snapshots, [{ key, restoreCount: 1, lastRestoredAt: String }], 'the restore is counted');
+
+  await t.test('bad input names what is wrong and leaves a real store untouched', async (t) => {
+    const badJson = join(w.dir, 'bad-json');
+    await mkdir(join(badJson, 'rootfs'), { recursive: true });
+    await writeFile(join(badJson, 'config.json'), 'not json');
+    const noRootfs = await w.bundle('no-rootfs', { mib: 1 });
+    await rm(join(noRootfs, 'rootfs'), { recursive: true });
+    const unknownKey = 'f'.repeat(64);
+    const cases: [string[], number, RegExp][] = [
+      [['run', '--bundle', join(w.dir, 'nope'), '--id', 'x1', '--detach'], 3, /nope: no config\.json/],
+      [['run', '--bundle', badJson, '--id', 'x2', '--detach'], 2, /bad-json: config\.json is not valid JSON/],
+      [['run', '--bundle', noRootfs, '--id', 'x3', '--detach'], 2, /no-rootfs\/rootfs is not a directory/],
+      [['run', '--bundle', bundle, '--id', '../x', '--detach'], 2, /invalid container id "\.\.\/x"/],
+      [['run', '--bundle', bundle, '--id', 'a/b', '--detach'], 2, /invalid container id "a\/b"/],
+      [['snapshots', 'inspect', unknownKey], 3, new RegExp(`snapshot ${unknownKey} not found`)],
+      [['snapshots', 'rm', unknownKey], 3, new RegExp(`snapshot ${unknownKey} not found`)],
+      [['kill', 'ghost', 'SIGUSR1'], 3, /container ghost not found/],
+    ];
+    const store = await treeFingerprint(w.store);
+    for (const [args, exit, msg] of cases) {
+      const r = await w.thaw(args);
+      t.equal(r.exitCode, exit, `${args.join(' ')} → ${exit}`);
+      t.match(r.stderr, /^thaw: [^\n]+\n$/, 'one line on stderr');
+      t.match(r.stderr, msg);
+    }
+    t.equal(await treeFingerprint(w.store), store, 'the store is untouched');
+    t.same(
+      ((await w.thawOk(['ps'])).containers as { id: string }[]).map((c) => c.id).sort(),
+      ['copy', 'forced'],
+      'no container was added',
+    );
+  });
+
+  await w.thawOk(['delete', '--force', 'copy']);
+  await w.thawOk(['delete', '--force', 'forced']);
+  t.same(await entries(join(w.store, 'tmp')), [], 'nothing left in the store’s tmp/');
+});
+
+t.test('thaw run without --detach waits and exits with the container’s exit code', { skip }, async (t) => {
+  const w = await thawWorld(t);
+  const bundle = await w.bundle('exits', { mib: 16, initMs: 100, tickMs: 100, exitAfterTicks: 2, exitCode: 3 });
+  const r = await w.thaw(['run', '--bundle', bundle, '--id', 'fg']);
+  t.equal(r.exitCode, 3, `thaw exits with the app’s status (stderr: ${r.stderr.trim()})`);
+  t.match(r.stdout, /^START .*\nREADY .*\nTICK n=1 .*\nTICK n=2 /m, 'the app wrote to thaw’s stdout');
+  t.match(r.json, { id: 'fg', decision: 'cold', exitStatus: 3 });
+
+  // --detach, then `thaw wait` reports the same status. It must attach before the app exits (runsc
+  // cannot report the status of a sandbox that is gone), hence the long initialisation.
+  const slow = await w.bundle('exits-later', { mib: 16, initMs: 5000, tickMs: 100, exitAfterTicks: 2, exitCode: 7 });
+  await w.thawOk(['run', '--bundle', slow, '--id', 'bg', '--detach', '--output', w.out('bg')]);
+  const waited = await w.thaw(['wait', 'bg']);
+  t.equal(waited.exitCode, 7, 'thaw wait exits with the app’s status');
+  t.same(waited.json, { id: 'bg', exitStatus: 7 });
+  await waitForLine(w.out('bg'), /^TICK n=2 /);
+
+  for (const id of ['fg', 'bg']) await w.thawOk(['delete', id]);
+  t.same((await w.thawOk(['ps'])).containers, []);
+});
