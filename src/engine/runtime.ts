@@ -6,6 +6,8 @@ import { RestoreStager } from '../restore/engine.js';
 import { ioFileHasher, ioStageReader, openIo } from '../restore/io.js';
 import { ContainerRecords } from './records.js';
 import { GvisorEngine } from './gvisor.js';
+import { NativeEngine } from './native.js';
+import { gpuDriverFromConfig, type GpuDriver } from '../gpu/driver.js';
 import { Lifecycle } from './lifecycle.js';
 import { probeGpuIdentity } from '../gpu/probe.js';
 import type { Engine, EngineName } from './engine.js';
@@ -29,10 +31,23 @@ export async function openRuntime(config: ThawConfig, log: Logger): Promise<Runt
   const store = await SnapshotStore.open({ root: config.store.path, log, hasher: ioFileHasher(io) });
   const records = await ContainerRecords.open(config.stateDir);
   const cache = new Map<string, Engine>();
+  // GPU hooks for the native engine; probing is lazy (no driver → hooks report GPU snapshots off).
+  let gpuDriver: GpuDriver | undefined;
+  const gpu = (): GpuDriver => (gpuDriver ??= gpuDriverFromConfig(config, log));
   const engine = (name: EngineName, namespace: string): Engine | undefined => {
     const k = `${name}\0${namespace}`;
     let e = cache.get(k);
     if (!e && name === 'gvisor') e = new GvisorEngine({ config, log, namespace });
+    if (!e && name === 'native') {
+      e = new NativeEngine({
+        runcPath: config.runc.path,
+        criuPath: config.runc.criuPath,
+        root: join(config.stateDir, 'native'),
+        log,
+        namespace,
+        gpu: gpu(),
+      });
+    }
     if (e) cache.set(k, e);
     return e;
   };
