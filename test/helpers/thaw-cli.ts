@@ -86,6 +86,7 @@ export function spawnThaw(dirs: ThawDirs, args: readonly string[], opts: RunThaw
     env: cliEnv(),
     extendEnv: false,
     encoding: 'utf8',
+    stripFinalNewline: false,
     cwd: opts.cwd ?? REPO,
   });
 }
