@@ -3,6 +3,7 @@
 #
 #   bench/gpu/run-all.sh smoke          environment probe, prefixes, thaw-cuda build + probe, a host-process
 #                                       flow (thaw-cuda + CRIU, platform.md's sequence) and short container flows
+#   bench/gpu/run-all.sh thaw           the workload through the thaw CLI (GIBS, default "1 8")
 #   bench/gpu/run-all.sh full CASES     the container flows of bench/gpu/flow.ts for the cases (JSON)
 #
 # Needs .gpu/ (carried): debs/ (criu + six trixie libs, runc 1.1.5), node.xz, node_modules.tgz and
@@ -134,6 +135,13 @@ smoke_host() {
 }
 
 case "$MODE" in
+  thaw)  # the workload started, checkpointed and restored through the thaw CLI (native engine)
+    for gib in ${GIBS:-1 8}; do
+      step "thaw e2e: pattern $gib GiB"
+      timeout 280 bash bench/gpu/thaw-e2e.sh "$NODE" "$W/app/dist/src/cli/thaw.js" "$RUNC" "$CRIU" "$TC" "$PY" "$BINDS" pattern "$gib" "$OUT/e2e-$gib" \
+        || echo "thaw e2e $gib GiB FAILED rc=$?"
+    done
+    ;;
   smoke)
     smoke_host || echo "SMOKE FAILED"
     step "weights for a small qwen-shaped run"
