@@ -44,9 +44,11 @@ fi
 # runs from a private prefix through that prefix's own loader (see docs/native-engine.md).
 criu_prefix=${THAW_CRIU_PREFIX:-/opt/thaw/criu}
 if [ ! -x "$criu_prefix/bin/criu" ]; then
-  add_suite trixie && apt-get update -q >/dev/null || true
+  add_suite trixie || true
+  # The suite file may exist while its package lists were never fetched on this machine.
+  apt-cache show criu/trixie >/dev/null 2>&1 || apt-get update -q >/dev/null
   log "unpacking CRIU 4.x into $criu_prefix"
-  dl=$(mktemp -d)
+  dl=$(mktemp -d); chmod 755 "$dl"  # apt's download user must be able to write there
   (cd "$dl" && apt-get download -q criu/trixie libprotobuf-c1/trixie libnet1/trixie libnftables1/trixie \
       libmnl0/trixie libnftnl11/trixie libxtables12/trixie libc6/trixie >/dev/null)
   mkdir -p "$criu_prefix/root" "$criu_prefix/bin"
@@ -59,6 +61,7 @@ p=$criu_prefix/root
 exec "\$p/usr/lib64/ld-linux-x86-64.so.2" --library-path "\$p/usr/lib/x86_64-linux-gnu" "\$p/usr/sbin/criu" "\$@"
 WRAP
   chmod 755 "$criu_prefix/bin/criu"
+  "$criu_prefix/bin/criu" check 2>&1 | grep -q 'Looks good' || log "warning: criu check did not pass; the native engine will not work"
 fi
 
 if [ ! -d node_modules ] || [ package.json -nt node_modules/.thaw-installed ]; then
