@@ -461,6 +461,7 @@ class Session {
   int idle_ = 0;
   int workers_ = 0;
 
+  bool started_ = false;  // the eager fill may run (start_fd was readable)
   std::vector<PendingFault> faults_;
   AlignedBuffer fault_buf_;
   uint64_t max_chunk_pages_ = 1;
@@ -802,7 +803,11 @@ void Session::Run() {
     return;
   }
   targets_.push_back(std::move(first));
-  EnqueueAll(targets_[0].get());
+  started_ = opt_.start_fd < 0;
+  if (started_) {
+    res_->start_ms = 0;
+    EnqueueAll(targets_[0].get());
+  }
 
   std::thread hasher;
   if (opt_.hash) {
@@ -822,12 +827,14 @@ void Session::Run() {
   std::vector<pollfd> fds;
   for (;;) {
     if (failed_.load()) break;
-    if (faults_.empty() && AllIdle()) break;  // every chunk processed, nothing waiting
+    if (started_ && faults_.empty() && AllIdle()) break;  // every chunk processed, nothing waiting
     fds.clear();
     for (auto& t : targets_) {
       if (!t->exited.load()) fds.push_back({t->uffd, POLLIN, 0});
     }
     fds.push_back({wake_fd_.get(), POLLIN, 0});
+    const size_t start_slot = fds.size();
+    if (!started_) fds.push_back({opt_.start_fd, POLLIN, 0});
     if (opt_.cancel_fd >= 0) fds.push_back({opt_.cancel_fd, POLLIN, 0});
     int rc = poll(fds.data(), fds.size(), faults_.empty() ? 100 : 1);
     if (rc < 0 && errno != EINTR) {
@@ -840,6 +847,11 @@ void Session::Run() {
     }
     uint64_t drain;
     while (read(wake_fd_.get(), &drain, sizeof drain) > 0) {
+    }
+    if (!started_ && (fds[start_slot].revents & POLLIN)) {  // never drained: one signal opens every fill
+      started_ = true;
+      res_->start_ms = NowMs() - t0;
+      for (auto& t : targets_) EnqueueAll(t.get());
     }
     std::vector<std::unique_ptr<Target>> born;
     pthread_rwlock_wrlock(&rw_);
@@ -860,7 +872,7 @@ void Session::Run() {
     pthread_rwlock_unlock(&rw_);
     for (auto& c : born) {
       targets_.push_back(std::move(c));
-      EnqueueAll(targets_.back().get());
+      if (started_) EnqueueAll(targets_.back().get());
     }
   }
 

@@ -82,6 +82,10 @@ struct FillOptions {
   bool hash = false;                  // also XXH64 the pages file on a separate thread
   bool close_when_filled = true;      // close the uffd(s) once every page is in (never on failure)
   int cancel_fd = -1;
+  // Eager copies wait until this fd is readable (CRIU's "restore finished": before it, lazy VMAs
+  // may still be unregistered and the restore itself may fault); faults are answered from the
+  // start. -1: start at once.
+  int start_fd = -1;
 };
 
 struct TargetStats {
@@ -105,6 +109,7 @@ struct FillResult {
   Failure failure;
   bool canceled = false;
   uint64_t bytes_read = 0;
+  double start_ms = -1;               // when the eager fill could start (start_fd), -1 if never
   double fill_ms = 0;                 // until every page was in (uffds closed here when asked)
   double duration_ms = 0;             // including the hash
   double fault_wait_max_us = 0;       // longest time from reading a fault to answering it

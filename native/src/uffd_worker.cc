@@ -154,6 +154,7 @@ class FillWorker : public PromiseWorker {
       o.Set("error", f);
     }
     o.Set("bytesRead", static_cast<double>(result_.bytes_read));
+    o.Set("startMs", result_.start_ms);
     o.Set("fillMs", result_.fill_ms);
     o.Set("durationMs", result_.duration_ms);
     o.Set("faultWaitMaxUs", result_.fault_wait_max_us);
@@ -259,6 +260,7 @@ Napi::Value Fill(const Napi::CallbackInfo& info) {
   f.hash = flag("hash");
   f.close_when_filled = flag("closeWhenFilled");
   f.cancel_fd = static_cast<int>(num("cancelFd"));
+  f.start_fd = static_cast<int>(num("startFd"));
   std::vector<uint64_t> ext = U64Tuples(env, o.Get("extents"), "extents", 3);
   for (size_t i = 0; i < ext.size(); i += 3) f.extents.push_back({ext[i], ext[i + 1], ext[i + 2]});
   std::vector<uint64_t> ch = U64Tuples(env, o.Get("chunks"), "chunks", 2);

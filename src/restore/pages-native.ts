@@ -36,6 +36,12 @@ export interface NativeFillOptions {
   closeWhenFilled: boolean;
   /** From createCancel(); cancel(fd) stops the fill (userfaultfds stay open). */
   cancelFd: number;
+  /**
+   * Eager copies start once this fd (from createCancel(), signalled with cancel()) is readable —
+   * CRIU's "restore finished": before it the restore itself may fault and lazy VMAs may still be
+   * unregistered. Faults are answered from the start. -1: start at once.
+   */
+  startFd: number;
   /** [addr, firstPage, pages] per extent, sorted by addr, none crossing a dump-time VMA. */
   extents: BigUint64Array;
   /** [firstPage, pages] per chunk, in fill order, each inside one extent. */
@@ -67,7 +73,9 @@ export interface NativeFillResult {
   canceled: boolean;
   error?: { op: string; errno: number; message: string };
   bytesRead: number;
-  /** Until every page was in. */
+  /** When the start gate opened (ms after the fill began; -1: never). */
+  startMs: number;
+  /** Until every page was in (ms after the fill began: includes the wait for the gate). */
   fillMs: number;
   /** Including the hash. */
   durationMs: number;

@@ -115,6 +115,8 @@ export interface TaskPlan extends PagePlan {
 
 export interface LazyTaskResult {
   pid: number;
+  /** performance.now() when every page of this task was in (before the checksum finished). */
+  allPagesAt: number;
   lazyBytes: number;
   threads: number;
   native: NativeFillResult;
@@ -126,7 +128,9 @@ export interface LazyPagesResult {
   bytes: number;
   /** From CRIU's "restore finished" until every page was in (slowest task). */
   fillMs: number;
-  /** From the start of serve() until verified. */
+  /** The same from the restore's start (startLazyRestore called). */
+  allPagesMs: number;
+  /** From startLazyRestore until every page was in and verified. */
   totalMs: number;
   verified: boolean;
   tasks: LazyTaskResult[];
@@ -165,14 +169,24 @@ export class LazyPageServer implements AsyncDisposable {
   #canceled = false;
   #closed = false;
   #timedOut = false;
+  #timer: NodeJS.Timeout | undefined;
+  readonly #fills: Promise<LazyTaskResult>[] = [];
+  readonly #startFd: number;
 
-  private constructor(b: UffdBinding, opts: LazyPagesOptions, plans: Map<number, TaskPlan>, listenFd: number, cancelFd: number, socketPath: string) {
+  private constructor(
+    b: UffdBinding,
+    opts: LazyPagesOptions,
+    plans: Map<number, TaskPlan>,
+    fds: { listenFd: number; cancelFd: number; startFd: number },
+    socketPath: string,
+  ) {
     this.#b = b;
     this.#opts = opts;
     this.#log = opts.log ?? silentLogger;
     this.plans = plans;
-    this.#listenFd = listenFd;
-    this.#cancelFd = cancelFd;
+    this.#listenFd = fds.listenFd;
+    this.#cancelFd = fds.cancelFd;
+    this.#startFd = fds.startFd;
     this.socketPath = socketPath;
   }
 
@@ -225,8 +239,7 @@ export class LazyPageServer implements AsyncDisposable {
     } catch (err) {
       throw new PageServerError('Unavailable', `cannot listen on ${socketPath}: ${(err as Error).message}`, { phase: 'prepare', pids: [], killed: false }, { cause: err });
     }
-    const cancelFd = b.createCancel();
-    return new LazyPageServer(b, { ...opts, verify }, plans, listenFd, cancelFd, socketPath);
+    return new LazyPageServer(b, { ...opts, verify }, plans, { listenFd, cancelFd: b.createCancel(), startFd: b.createCancel() }, socketPath);
   }
 
   /** How the pages files are verified (resolved from the options: 'off' without checksums). */
@@ -247,8 +260,10 @@ export class LazyPageServer implements AsyncDisposable {
   }
 
   /**
-   * Accepts CRIU's connection and collects the tasks' userfaultfds until CRIU says the restore
-   * finished (the restorer has registered every lazy VMA by then, so eager copies may start).
+   * Accepts CRIU's connection and serves each task from the moment its userfaultfd arrives: faults
+   * at once (the restore itself may touch lazy memory), the eager fill only after CRIU's "restore
+   * finished" (before it, lazy VMAs may still be unregistered). Resolves with the pids at "restore
+   * finished"; fill() then tracks the fills.
    */
   async receive(): Promise<number[]> {
     const timeout = this.#opts.receiveTimeoutMs ?? 60_000;
@@ -262,13 +277,17 @@ export class LazyPageServer implements AsyncDisposable {
           if (!this.plans.has(m.pid)) {
             throw new PageServerError('DataLoss', `CRIU sent task ${m.pid}, which has no pagemap image`, { phase: 'receive', pids: this.pids, killed: false });
           }
+          this.#fills.push(this.#startFill(m.pid, m.uffd));
         } else if (m.kind === 'finished') {
+          this.#b.cancel(this.#startFd); // opens every fill's gate
+          this.#armTimeout();
           return this.pids;
         } else if (m.kind === 'closed') {
           throw new PageServerError('Unavailable', 'CRIU closed the lazy-pages socket before the restore finished', { phase: 'receive', pids: this.pids, killed: false });
         } // zombies have no memory to serve
       }
     } catch (err) {
+      this.cancel(); // fills already started stop; their userfaultfds stay open
       if (err instanceof ShimError) throw err;
       const e = fromUffdError(err, 'receive');
       throw new PageServerError(e.code, `lazy-pages socket: ${e.message}`, { phase: 'receive', pids: this.pids, killed: false }, { cause: e });
@@ -278,49 +297,61 @@ export class LazyPageServer implements AsyncDisposable {
     }
   }
 
-  /**
-   * Fills every received task (concurrently; threads shared by lazy bytes) and checks the result:
-   * every page installed exactly once, no task gone, checksums equal. Throws PageServerError
-   * (killed: false) on any failure; the userfaultfds of a failed fill stay open for close().
-   */
-  async fill(): Promise<LazyTaskResult[]> {
+  #startFill(pid: number, uffd: number): Promise<LazyTaskResult> {
+    const plan = this.plans.get(pid)!;
     const totalThreads = Math.max(1, this.#opts.threads ?? Math.min(8, availableParallelism() - 1));
-    const totalPages = this.#received.reduce((s, r) => s + (this.plans.get(r.pid)?.lazyPages ?? 0), 0);
-    const faultAheadPages = Math.floor((this.#opts.faultAheadBytes ?? 64 << 10) / PAGE_SIZE);
-    const timeoutMs = this.#opts.fillTimeoutMs ?? 60_000 + (totalPages * PAGE_SIZE) / 100e3;
-    const timer = setTimeout(() => {
+    const allPages = [...this.plans.values()].reduce((sum, p) => sum + p.lazyPages, 0);
+    const threads = Math.max(1, Math.round((totalThreads * plan.lazyPages) / Math.max(1, allPages)));
+    const started = performance.now();
+    const run = this.#b
+      .fill({
+        uffd,
+        pagesPath: plan.pagesPath,
+        direct: this.#opts.direct ?? false,
+        threads,
+        faultAheadPages: Math.floor((this.#opts.faultAheadBytes ?? 64 << 10) / PAGE_SIZE),
+        hash: this.#opts.verify === 'concurrent',
+        closeWhenFilled: true,
+        cancelFd: this.#cancelFd,
+        startFd: this.#startFd,
+        extents: plan.extents,
+        chunks: plan.chunks,
+      })
+      .then((native) => {
+        for (const t of native.targets) {
+          if (t.closed) this.#openUffds.delete(t.uffd);
+          else this.#openUffds.add(t.uffd); // fork children of a failed fill
+        }
+        return { pid, allPagesAt: started + native.fillMs, lazyBytes: plan.lazyPages * PAGE_SIZE, threads, native };
+      });
+    run.catch(() => undefined); // observed in fill()
+    return run;
+  }
+
+  #armTimeout(): void {
+    const lazyBytes = this.#received.reduce((s, r) => s + (this.plans.get(r.pid)?.lazyPages ?? 0) * PAGE_SIZE, 0);
+    const timeoutMs = this.#opts.fillTimeoutMs ?? 60_000 + lazyBytes / 100e3;
+    this.#timer = setTimeout(() => {
       this.#log.warn({ phase: 'lazy-pages-fill', durationMs: timeoutMs }, 'page server fill timed out');
       this.#timedOut = true;
       this.cancel();
     }, timeoutMs);
+  }
+
+  /**
+   * Waits for every task's fill (started by receive()) and checks it: every page installed exactly
+   * once, no task gone, checksums equal. Throws PageServerError (killed: false) on any failure; the
+   * userfaultfds of a failed fill stay open for close().
+   */
+  async fill(): Promise<LazyTaskResult[]> {
     try {
-      const results = await Promise.all(
-        this.#received.map(async ({ pid, uffd }): Promise<LazyTaskResult> => {
-          const plan = this.plans.get(pid)!;
-          const threads = Math.max(1, Math.round((totalThreads * plan.lazyPages) / Math.max(1, totalPages)));
-          const native = await this.#b.fill({
-            uffd,
-            pagesPath: plan.pagesPath,
-            direct: this.#opts.direct ?? false,
-            threads,
-            faultAheadPages,
-            hash: this.#opts.verify === 'concurrent',
-            closeWhenFilled: true,
-            cancelFd: this.#cancelFd,
-            extents: plan.extents,
-            chunks: plan.chunks,
-          });
-          for (const t of native.targets) {
-            if (t.closed) this.#openUffds.delete(t.uffd);
-            else this.#openUffds.add(t.uffd); // fork children of a failed fill
-          }
-          return { pid, lazyBytes: plan.lazyPages * PAGE_SIZE, threads, native };
-        }),
-      );
+      const results = await Promise.all(this.#fills).catch((err: unknown) => {
+        throw fromUffdError(err, 'fill');
+      });
       for (const r of results) this.#check(r);
       return results;
     } finally {
-      clearTimeout(timer);
+      clearTimeout(this.#timer);
     }
   }
 
@@ -359,6 +390,8 @@ export class LazyPageServer implements AsyncDisposable {
     this.#closeFd(this.#clientFd);
     this.#closeFd(this.#listenFd);
     this.#closeFd(this.#cancelFd);
+    this.#closeFd(this.#startFd);
+    clearTimeout(this.#timer);
     await rm(this.socketPath, { force: true });
   }
 
@@ -462,12 +495,7 @@ export async function startLazyRestore(opts: LazyPagesOptions & { hooks: LazyRes
     }
   };
 
-  let fillStarted: Promise<LazyTaskResult[]> | undefined;
-  const receiving = server.receive().then((pids) => {
-    fillStarted = server.fill();
-    fillStarted.catch(() => undefined); // observed below
-    return pids;
-  });
+  const receiving = server.receive();
   const restoring = opts.hooks.restore(ac.signal);
   try {
     // Both must succeed; whichever fails first stops the other.
@@ -482,7 +510,7 @@ export async function startLazyRestore(opts: LazyPagesOptions & { hooks: LazyRes
       }),
     ]);
   } catch (err) {
-    await Promise.allSettled([receiving, restoring, fillStarted]);
+    await Promise.allSettled([receiving, restoring, server.fill()]);
     await killAndClose().catch((e: unknown) => log.error({ err: e }, 'killing a failed lazy restore failed'));
     const phase: PagePhase = err instanceof PageServerError ? err.phase : 'restore';
     const code = err instanceof ShimError ? err.code : 'Unknown';
@@ -495,7 +523,7 @@ export async function startLazyRestore(opts: LazyPagesOptions & { hooks: LazyRes
   const done = (async (): Promise<LazyPagesResult> => {
     let tasks: LazyTaskResult[];
     try {
-      tasks = await fillStarted!;
+      tasks = await server.fill();
     } catch (err) {
       await killAndClose().catch((e: unknown) => log.error({ err: e }, 'killing a failed lazy restore failed'));
       const e = err instanceof PageServerError ? err : new PageServerError('Internal', String(err), { phase: 'fill', pids, killed }, { cause: err });
@@ -506,7 +534,8 @@ export async function startLazyRestore(opts: LazyPagesOptions & { hooks: LazyRes
     const result: LazyPagesResult = {
       pids,
       bytes: tasks.reduce((s, t) => s + t.native.targets.reduce((n, x) => n + x.pagesCopied * PAGE_SIZE, 0), 0),
-      fillMs: Math.max(0, ...tasks.map((t) => t.native.fillMs)),
+      fillMs: Math.max(0, ...tasks.map((t) => t.native.fillMs - Math.max(0, t.native.startMs))),
+      allPagesMs: Math.round(Math.max(0, ...tasks.map((t) => t.allPagesAt)) - t0),
       totalMs: Math.round(performance.now() - t0),
       verified: server.verify !== 'off',
       tasks,

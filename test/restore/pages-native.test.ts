@@ -42,6 +42,7 @@ if (skip) {
         hash: false,
         closeWhenFilled: true,
         cancelFd,
+        startFd: -1,
         extents: new BigUint64Array([BASE, 0n, BigInt(PAGES)]),
         chunks: BigUint64Array.from(chunks),
         ...over,
@@ -97,6 +98,24 @@ if (skip) {
       t.ok((r.targets[0]?.faults ?? 0) > 0, 'faults were served');
       t.equal((r.targets[0]?.pagesCopied ?? 0) + (r.targets[0]?.pagesDropped ?? 0), PAGES);
       t.equal((await app.exit).code, 0, app.output());
+      b.close(cancelFd);
+    });
+
+    t.test('before the start gate opens only faults are answered', async (t) => {
+      const { app, task, cancelFd } = await handshake(['verify']);
+      const gate = b.createCancel();
+      let settled = false;
+      const filling = b.fill(fillOptions(task.uffd, cancelFd, { startFd: gate })).finally(() => (settled = true));
+      const exit = await app.exit; // the app got every page through its faults
+      t.equal(exit.code, 0, app.output());
+      await new Promise((r) => setTimeout(r, 100));
+      t.notOk(settled, 'no eager fill before the gate');
+      b.cancel(gate);
+      const r = await filling;
+      t.ok(r.ok, JSON.stringify(r.error));
+      t.equal(r.targets[0]?.pagesCopied, PAGES);
+      t.equal(r.targets[0]?.faultPagesCopied, PAGES, 'all of them through faults');
+      b.close(gate);
       b.close(cancelFd);
     });
 
