@@ -1,10 +1,10 @@
-import { readFile } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { isShimError } from '../errors.js';
-import { loadConfig } from '../config/config.js';
-import { openRuntime } from '../engine/runtime.js';
+import { loadConfig, type ThawConfig } from '../config/config.js';
+import { ContainerRecords } from '../engine/records.js';
+import { runtimeIdFor } from '../engine/container-id.js';
 import type { CleanupDeadTask } from '../shim/manager.js';
-import { unmountRootfs } from './rootfs.js';
 
 /**
  * Bundle file naming the thaw config the task was created with. containerd runs `delete` with an
@@ -16,24 +16,42 @@ export const CONFIG_PATH_FILE = 'thaw-config-path';
 /**
  * `delete` after containerd lost the shim: remove the sandbox, the rootfs mount and the record the
  * dead server left. Best effort: every step runs even if an earlier one failed.
+ *
+ * containerd 1.6 runs this after every shim exit, a normal Shutdown included (`ctr run --rm` waits
+ * for it), and 1.7+ kills it after 5 s: when the task left nothing behind it returns before
+ * loading the engines and execa, which cost most of a Node start-up under load.
  */
 export function cleanupDeadTaskWith(configPath: string | undefined): CleanupDeadTask {
   return async (bundle, id, { namespace, log }) => {
     const config = await loadConfig(configPath ?? (await configPathOf(bundle)));
+    const records = await ContainerRecords.open(config.stateDir);
+    const record = await records.get(id, namespace);
+    const rootfs = join(bundle, 'rootfs');
+    const mounted = await isMounted(rootfs);
+    if (!record && !mounted && config.engine === 'gvisor' && !(await runscKnows(config, id, namespace))) {
+      return { exitStatus: 137, exitedAt: new Date() };
+    }
+    const { openRuntime } = await import('../engine/runtime.js');
     const rt = await openRuntime(config, log);
-    const record = await rt.records.get(id, namespace);
     const engine = rt.engine(record?.engine ?? 'gvisor', namespace);
     let pid = record?.pid;
+    // Separate steps: a failed state query must not keep the sandbox from being deleted.
     try {
       pid = (await engine?.state(id))?.pid ?? pid;
+    } catch (err) {
+      if (!isShimError(err, 'NotFound')) log.warn({ id, err }, 'dead task: runtime state failed');
+    }
+    try {
       await engine?.delete(id, { force: true });
     } catch (err) {
-      // A normal shutdown also ends here (containerd 1.6 treats the closed connection as a dead
-      // shim): the sandbox is already gone then.
+      // The sandbox may be gone already (it died with the shim, or Delete ran before the exit).
       if (!isShimError(err, 'NotFound')) log.warn({ id, err }, 'dead task: runtime delete failed');
     }
-    await unmountRootfs(join(bundle, 'rootfs')).catch((err: unknown) => log.warn({ id, err }, 'dead task: unmount failed'));
-    await rt.records.remove(id, namespace);
+    if (mounted) {
+      const { unmountRootfs } = await import('./rootfs.js');
+      await unmountRootfs(rootfs).catch((err: unknown) => log.warn({ id, err }, 'dead task: unmount failed'));
+    }
+    await records.remove(id, namespace);
     return { pid, exitStatus: 137, exitedAt: new Date() };
   };
 }
@@ -41,4 +59,21 @@ export function cleanupDeadTaskWith(configPath: string | undefined): CleanupDead
 async function configPathOf(bundle: string): Promise<string | undefined> {
   const text = await readFile(join(bundle, CONFIG_PATH_FILE), 'utf8').catch(() => '');
   return text.trim() || undefined;
+}
+
+async function isMounted(target: string): Promise<boolean> {
+  const mounts = await readFile('/proc/self/mounts', 'utf8').catch(() => '');
+  // /proc/mounts escapes space, tab, newline and backslash as octal.
+  const escaped = target.replace(/[ \t\n\\]/g, (c) => `\\${c.charCodeAt(0).toString(8).padStart(3, '0')}`);
+  return mounts.split('\n').some((line) => line.split(' ')[1] === escaped);
+}
+
+/**
+ * Whether runsc has state for the task's runtime id under the config's runsc root (files
+ * `<rid>_sandbox:<rid>.state`, `runsc-<rid>.sock`; see GvisorEngine for the root and ids).
+ */
+async function runscKnows(config: ThawConfig, id: string, namespace: string): Promise<boolean> {
+  const rid = runtimeIdFor(id, namespace);
+  const entries = await readdir(join(config.stateDir, 'runsc')).catch(() => [] as string[]);
+  return entries.some((e) => e.includes(rid));
 }
