@@ -98,7 +98,10 @@ export interface IoBackend {
   copyFile(src: string, dst: string, opts?: IoOptions): Promise<CopyResult>;
   /** XXH64 of each whole file, in the order given. */
   hashFiles(paths: readonly string[], opts?: HashOptions): Promise<FileHashResult[]>;
-  /** Reads a file (or part of it) into `target`, e.g. memory that will be handed on. */
+  /**
+   * Reads a file (or part of it) into `target`, e.g. memory that will be handed on. `target` must not be
+   * transferred or detached while the call runs (the native side writes into it from another thread).
+   */
   readInto(path: string, target: Uint8Array, opts?: ReadIntoOptions): Promise<CopyResult>;
 }
 
@@ -394,7 +397,8 @@ export class NativeIo implements IoBackend {
     if (faults) o.faults = faults;
     let onAbort: (() => void) | undefined;
     if (signal) {
-      const cancel = new Int32Array(1);
+      // Its own ArrayBuffer: always off the V8 heap, so the worker thread's pointer to it never moves.
+      const cancel = new Int32Array(new ArrayBuffer(4));
       o.cancel = cancel;
       onAbort = () => Atomics.store(cancel, 0, 1);
       signal.addEventListener('abort', onAbort, { once: true });

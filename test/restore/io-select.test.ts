@@ -135,3 +135,29 @@ t.test('adapters: the store hasher and the restore stage reader hash like WasmXx
     t.same(await reader.readAndHash(join(dir, 'f')), want, `${name}: StageReader`);
   }
 });
+
+t.test('a filesystem that refuses O_DIRECT gets the call retried buffered', async (t) => {
+  const calls: boolean[] = [];
+  let refuseAll = false;
+  const einval = (): Promise<never> =>
+    Promise.reject(
+      Object.assign(new Error('open failed for /x: Invalid argument'), { op: 'open', errno: 22, path: '/x', backend: 'uring', refused: false }),
+    );
+  const binding: NativeIoBinding = {
+    ...fakeBinding({}),
+    prefetch: (_ranges, o) => {
+      calls.push(o.direct);
+      if (o.direct || refuseAll) return einval();
+      return Promise.resolve({ bytes: 1, files: [{ path: '/x', offset: 0, bytes: 1 }] });
+    },
+  };
+  const { log, lines } = capture();
+  const io = openIo({ binding, log, env: {} });
+  t.same(await io.prefetch([{ path: '/x' }], { direct: true }), { bytes: 1, files: [{ path: '/x', offset: 0, bytes: 1 }] });
+  t.same(calls, [true, false], 'O_DIRECT first, then buffered');
+  t.ok(lines.some((l) => /O_DIRECT refused/.test(l.msg)), 'the retry is logged');
+  calls.length = 0;
+  refuseAll = true;
+  await t.rejects(io.prefetch([{ path: '/x' }]), { code: 'InvalidArgument', op: 'open', errno: 22 });
+  t.same(calls, [false], 'a buffered call is not retried');
+});
