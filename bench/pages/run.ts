@@ -15,7 +15,7 @@
 import { spawn } from 'node:child_process';
 import { closeSync, existsSync, openSync, readFileSync, statSync, truncateSync } from 'node:fs';
 import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
-import { availableParallelism } from 'node:os';
+import { availableParallelism, loadavg } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
@@ -158,7 +158,7 @@ async function main(): Promise<void> {
           truncateSync(log, logSize); // CRIU checks the size of files it reopens
           if (cache === 'cold') await dropCaches();
           else await warm(img);
-          const row: Row = { gib, step: 'restore', mode, cache, rep, threads: mode === 'thaw' ? args.threads : 1 };
+          const row: Row = { gib, step: 'restore', mode, cache, rep, threads: mode === 'thaw' ? args.threads : 1, load1: loadavg()[0]! };
           let daemon: ReturnType<typeof execa> | undefined;
           let lazy: Promise<LazyPagesResult> | undefined;
           const restoreArgv = ['restore', '-D', img, '-W', work, '--shell-job', '--restore-detached', '-o', `restore-${mode}.log`];

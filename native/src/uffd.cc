@@ -122,8 +122,19 @@ std::string Sprintf(const char* fmt, ...) {
 int ListenUnix(const std::string& path, int backlog) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
-  if (path.empty() || path.size() >= sizeof(addr.sun_path)) return -ENAMETOOLONG;
-  memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  std::string bind_path = path;
+  OwnedFd dir;
+  if (path.size() >= sizeof(addr.sun_path)) {
+    // sun_path holds 107 bytes; CRIU connects relative to its work dir, which may be deeper. Bind
+    // through the directory's /proc/self/fd link instead (the socket still lands at `path`).
+    size_t slash = path.rfind('/');
+    if (slash == std::string::npos || slash + 1 == path.size()) return -ENAMETOOLONG;
+    dir.Reset(open(slash == 0 ? "/" : path.substr(0, slash).c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+    if (dir.get() < 0) return -errno;
+    bind_path = Sprintf("/proc/self/fd/%d/%s", dir.get(), path.c_str() + slash + 1);
+  }
+  if (bind_path.empty() || bind_path.size() >= sizeof(addr.sun_path)) return -ENAMETOOLONG;
+  memcpy(addr.sun_path, bind_path.c_str(), bind_path.size() + 1);
   OwnedFd fd(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (fd.get() < 0) return -errno;
   struct stat st;
@@ -288,6 +299,9 @@ struct Target {
   std::vector<uint32_t> by_page;       // extent indices sorted by first_page
   std::unique_ptr<std::atomic<uint64_t>[]> wanted;
   size_t words = 0;
+  // One flag per chunk (index into the options' chunks): a chunk is processed once per target even
+  // when a fault queued it again ahead of its turn — two workers must never copy the same pages.
+  std::unique_ptr<std::atomic<uint8_t>[]> claimed;
   TargetStats stats;                   // plain counters: updated under the lock or at the end
   std::atomic<uint64_t> copied{0}, existing{0}, dropped{0}, vanished{0};
 
@@ -396,7 +410,7 @@ struct Target {
 
 struct Job {
   Target* target;
-  Chunk chunk;
+  uint32_t chunk;  // index into the options' chunks
 };
 
 struct PendingFault {
@@ -444,6 +458,7 @@ class Session {
   void ApplyUnmap(Target* t, uint64_t start, uint64_t end);
   std::unique_ptr<Target> Fork(Target* parent, int child_uffd);
   void EnqueueAll(Target* t);
+  void Follow(Target* t, uint64_t page);
   bool AllIdle();
 
   const FillOptions& opt_;
@@ -454,6 +469,7 @@ class Session {
   std::mutex fail_mu_;
   std::atomic<bool> failed_{false}, canceled_{false}, stop_{false};
   std::atomic<uint64_t> bytes_read_{0};
+  bool prefetch_ = false;
 
   std::mutex q_mu_;
   std::condition_variable q_cv_;
@@ -463,6 +479,7 @@ class Session {
 
   bool started_ = false;  // the eager fill may run (start_fd was readable)
   std::vector<PendingFault> faults_;
+  std::vector<uint32_t> by_first_page_;  // chunk indices in memory (image page) order
   AlignedBuffer fault_buf_;
   uint64_t max_chunk_pages_ = 1;
   uint64_t max_page_ = 0;
@@ -544,9 +561,11 @@ CopyOutcome Session::CopyPages(Target* t, uint64_t* pos, uint64_t end, uint64_t 
 
 void Session::ProcessJob(const Job& job, char* buf) {
   Target* t = job.target;
-  const uint64_t first = job.chunk.first_page, end = first + job.chunk.pages;
+  if (t->claimed[job.chunk].exchange(1)) return;  // already done (or being done) by someone else
+  const Chunk& chunk = opt_.chunks[job.chunk];
+  const uint64_t first = chunk.first_page, end = first + chunk.pages;
   if (t->exited.load() || t->NextWanted(first, end) >= end) return;
-  ssize_t n = PreadFull(fill_fd_.get(), buf, job.chunk.pages * kPageSize, first * kPageSize);
+  ssize_t n = PreadFull(fill_fd_.get(), buf, chunk.pages * kPageSize, first * kPageSize);
   if (n < 0) {
     Fail("read", static_cast<int>(-n),
          Sprintf("read of %s at %llu failed: %s", opt_.pages_path.c_str(),
@@ -554,7 +573,7 @@ void Session::ProcessJob(const Job& job, char* buf) {
     return;
   }
   bytes_read_ += static_cast<uint64_t>(n);
-  if (static_cast<uint64_t>(n) < job.chunk.pages * kPageSize) {
+  if (static_cast<uint64_t>(n) < chunk.pages * kPageSize) {
     Fail("read", 0,
          Sprintf("short read: %s ends at %llu, image pages %llu-%llu need %llu bytes", opt_.pages_path.c_str(),
                  static_cast<unsigned long long>(first * kPageSize + n), static_cast<unsigned long long>(first),
@@ -585,6 +604,7 @@ void Session::Worker() {
   }
   for (;;) {
     Job job{};
+    const Chunk* ahead = nullptr;
     {
       std::unique_lock<std::mutex> g(q_mu_);
       while (queue_.empty() && !stop_.load()) {
@@ -596,6 +616,14 @@ void Session::Worker() {
       if (stop_.load()) return;
       job = queue_.front();
       queue_.pop_front();
+      if (prefetch_ && opt_.prefetch_chunks > 0 && queue_.size() >= opt_.prefetch_chunks) {
+        ahead = &opt_.chunks[queue_[opt_.prefetch_chunks - 1].chunk];
+      }
+    }
+    // Start the disk read of a chunk further down the queue, so its I/O overlaps this copy.
+    if (ahead != nullptr) {
+      posix_fadvise(fill_fd_.get(), static_cast<off_t>(ahead->first_page * kPageSize),
+                    static_cast<off_t>(ahead->pages * kPageSize), POSIX_FADV_WILLNEED);
     }
     if (!Stopping()) ProcessJob(job, buf.get());
   }
@@ -609,7 +637,27 @@ bool Session::AllIdle() {
 void Session::EnqueueAll(Target* t) {
   {
     std::lock_guard<std::mutex> g(q_mu_);
-    for (const Chunk& c : opt_.chunks) queue_.push_back({t, c});
+    for (uint32_t i = 0; i < opt_.chunks.size(); i++) queue_.push_back({t, i});
+  }
+  q_cv_.notify_all();
+}
+
+// A fault says where the app reads now: the chunks that follow it in memory go to the front of the
+// queue, so the eager fill runs just ahead of a sequential reader (the CUDA restore reading parked
+// device memory) instead of wherever the fill order happened to be.
+void Session::Follow(Target* t, uint64_t page) {
+  if (!started_ || opt_.follow_chunks == 0 || by_first_page_.empty()) return;
+  auto it = std::upper_bound(by_first_page_.begin(), by_first_page_.end(), page,
+                             [this](uint64_t p, uint32_t i) { return p < opt_.chunks[i].first_page; });
+  if (it == by_first_page_.begin()) return;
+  size_t pos = static_cast<size_t>(it - by_first_page_.begin()) - 1;  // the chunk holding `page`
+  size_t end = std::min(by_first_page_.size(), pos + 1 + opt_.follow_chunks);
+  {
+    std::lock_guard<std::mutex> g(q_mu_);
+    for (size_t k = end; k-- > pos;) {
+      uint32_t c = by_first_page_[k];
+      if (!t->claimed[c].load(std::memory_order_relaxed)) queue_.push_front({t, c});
+    }
   }
   q_cv_.notify_all();
 }
@@ -636,6 +684,7 @@ bool Session::ServeFault(const PendingFault& f) {
       uint64_t pos = p, copied = 0;
       CopyOutcome out = CopyPages(t, &pos, p + n, p, fault_buf_.get(), &copied);
       t->stats.fault_pages_copied += copied;
+      if (copied > 0) Follow(t, p);
       if (out == CopyOutcome::kAgain && copied == 0) return false;
       if (out == CopyOutcome::kAgain) return ServeFault(f);  // the faulting page may still be missing
       return true;
@@ -698,6 +747,8 @@ std::unique_ptr<Target> Session::Fork(Target* parent, int child_uffd) {
   child->words = parent->words;
   child->wanted.reset(new std::atomic<uint64_t>[child->words]);
   for (size_t w = 0; w < child->words; w++) child->wanted[w].store(parent->wanted[w].load());
+  child->claimed.reset(new std::atomic<uint8_t>[std::max<size_t>(1, opt_.chunks.size())]);
+  for (size_t i = 0; i < opt_.chunks.size(); i++) child->claimed[i].store(0);
   child->stats.total_pages = child->CountWanted();
   child->Reindex();
   int flags = fcntl(child_uffd, F_GETFL);
@@ -790,6 +841,13 @@ void Session::Run() {
   }
   first->stats.total_pages = first->CountWanted();
   first->Reindex();
+  first->claimed.reset(new std::atomic<uint8_t>[std::max<size_t>(1, opt_.chunks.size())]);
+  for (size_t i = 0; i < opt_.chunks.size(); i++) first->claimed[i].store(0);
+  by_first_page_.resize(opt_.chunks.size());
+  for (uint32_t i = 0; i < by_first_page_.size(); i++) by_first_page_[i] = i;
+  std::sort(by_first_page_.begin(), by_first_page_.end(),
+            [this](uint32_t a, uint32_t b) { return opt_.chunks[a].first_page < opt_.chunks[b].first_page; });
+  prefetch_ = !opt_.direct;
   {
     int fl = fcntl(first->uffd, F_GETFL);
     if (fl < 0 || fcntl(first->uffd, F_SETFL, fl | O_NONBLOCK) < 0) {

@@ -79,6 +79,8 @@ struct FillOptions {
   std::vector<Chunk> chunks;          // in fill order
   int threads = 2;                    // eager fill threads (faults have their own thread)
   uint64_t fault_ahead_pages = 16;    // pages copied with a faulting page (same extent, still missing)
+  uint32_t follow_chunks = 8;         // after a fault, the chunks that follow it in memory jump the queue
+  uint32_t prefetch_chunks = 2;       // buffered reads: readahead this many queued chunks ahead
   bool hash = false;                  // also XXH64 the pages file on a separate thread
   bool close_when_filled = true;      // close the uffd(s) once every page is in (never on failure)
   int cancel_fd = -1;

@@ -257,6 +257,8 @@ Napi::Value Fill(const Napi::CallbackInfo& info) {
   f.direct = flag("direct");
   f.threads = static_cast<int>(num("threads"));
   f.fault_ahead_pages = static_cast<uint64_t>(num("faultAheadPages"));
+  f.follow_chunks = static_cast<uint32_t>(num("followChunks"));
+  f.prefetch_chunks = static_cast<uint32_t>(num("prefetchChunks"));
   f.hash = flag("hash");
   f.close_when_filled = flag("closeWhenFilled");
   f.cancel_fd = static_cast<int>(num("cancelFd"));
@@ -265,6 +267,7 @@ Napi::Value Fill(const Napi::CallbackInfo& info) {
   for (size_t i = 0; i < ext.size(); i += 3) f.extents.push_back({ext[i], ext[i + 1], ext[i + 2]});
   std::vector<uint64_t> ch = U64Tuples(env, o.Get("chunks"), "chunks", 2);
   for (size_t i = 0; i < ch.size(); i += 2) f.chunks.push_back({ch[i], ch[i + 1]});
+  if (f.chunks.size() > UINT32_MAX) throw Napi::RangeError::New(env, "too many chunks");
   if (f.threads < 1 || f.threads > 256) throw Napi::RangeError::New(env, "threads must be 1..256");
   auto* w = new FillWorker(env, std::move(f));
   Napi::Promise p = w->Promise();

@@ -30,6 +30,10 @@ export interface NativeFillOptions {
   threads: number;
   /** Pages copied along with a faulting page (same extent, still missing). */
   faultAheadPages: number;
+  /** After a fault, this many chunks that follow it in memory jump the queue (0: off). */
+  followChunks: number;
+  /** Buffered reads: readahead (FADV_WILLNEED) this many queued chunks ahead (0: off). */
+  prefetchChunks: number;
   /** XXH64 the pages file on its own thread while filling. */
   hash: boolean;
   /** Close the userfaultfd(s) once every page is in; never done on failure. */

@@ -85,6 +85,13 @@ export interface LazyPagesOptions {
   chunkBytes?: number;
   /** Bytes installed along with a faulting page (default 64 KiB). */
   faultAheadBytes?: number;
+  /**
+   * Bytes after a faulting page that jump the eager queue (default 8 MiB): the fill follows a
+   * sequential reader such as the CUDA restore instead of racing it from elsewhere. 0: off.
+   */
+  followBytes?: number;
+  /** Buffered reads: how far ahead of the fill the disk is asked to read (default 2 chunks). */
+  prefetchChunks?: number;
   order?: FillOrder;
   /** O_DIRECT reads for the eager fill (cold images on a real disk; not on tmpfs). */
   direct?: boolean;
@@ -310,6 +317,8 @@ export class LazyPageServer implements AsyncDisposable {
         direct: this.#opts.direct ?? false,
         threads,
         faultAheadPages: Math.floor((this.#opts.faultAheadBytes ?? 64 << 10) / PAGE_SIZE),
+        followChunks: Math.ceil((this.#opts.followBytes ?? 8 << 20) / (this.#opts.chunkBytes ?? 1 << 20)),
+        prefetchChunks: this.#opts.prefetchChunks ?? 2,
         hash: this.#opts.verify === 'concurrent',
         closeWhenFilled: true,
         cancelFd: this.#cancelFd,

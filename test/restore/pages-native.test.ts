@@ -39,6 +39,8 @@ if (skip) {
         direct: false,
         threads: 2,
         faultAheadPages: 15,
+        followChunks: 8,
+        prefetchChunks: 2,
         hash: false,
         closeWhenFilled: true,
         cancelFd,
@@ -191,6 +193,47 @@ if (skip) {
       await t.rejects(b.accept(listenFd, cancelFd, 10_000), { op: 'accept', errno: 125 }, 'ECANCELED');
       b.close(listenFd);
       b.close(cancelFd);
+    });
+
+    t.test('a socket path longer than sun_path is bound through the directory', async (t) => {
+      const { mkdir, symlink, stat } = await import('node:fs/promises');
+      const deep = join(dir, 'd'.repeat(60), 'e'.repeat(60));
+      await mkdir(deep, { recursive: true });
+      const path = join(deep, 'lazy-pages.socket');
+      t.ok(path.length > 108);
+      const listenFd = b.listen(path);
+      t.ok((await stat(path)).isSocket(), 'the socket is where CRIU will look for it');
+      const short = join(dir, 'short-link');
+      await symlink(deep, short);
+      const cancelFd = b.createCancel();
+      const accepted = b.accept(listenFd, cancelFd, 5000);
+      const { connect } = await import('node:net');
+      const client = connect(join(short, 'lazy-pages.socket'));
+      const fd = await accepted;
+      t.ok(fd >= 0, 'a client reached it');
+      client.destroy();
+      b.close(fd);
+      b.close(listenFd);
+      b.close(cancelFd);
+    });
+
+    t.test('a reader that faults sequentially pulls the fill along (follow)', async (t) => {
+      // The fill runs back to front, the app reads front to back: without follow the app faults
+      // page after page until the two meet; with follow the fill jumps ahead of the app's faults.
+      const faultPages = async (followChunks: number) => {
+        const { app, task, cancelFd } = await handshake(['verify']);
+        const chunks: bigint[] = [];
+        for (let p = PAGES - 256; p >= 0; p -= 256) chunks.push(BigInt(p), 256n);
+        const r = await b.fill(fillOptions(task.uffd, cancelFd, { threads: 1, faultAheadPages: 0, followChunks, chunks: BigUint64Array.from(chunks) }));
+        t.ok(r.ok, JSON.stringify(r.error));
+        t.equal(r.targets[0]?.pagesCopied, PAGES);
+        t.equal((await app.exit).code, 0, app.output());
+        b.close(cancelFd);
+        return r.targets[0]!.faultPagesCopied;
+      };
+      const without = await faultPages(0);
+      const withFollow = await faultPages(8);
+      t.ok(withFollow * 2 < without, `pages through faults: ${withFollow} with follow, ${without} without`);
     });
 
     t.test('argument errors are TypeErrors', async (t) => {
