@@ -43,6 +43,8 @@ export class GvisorEngine implements Engine {
   readonly #config: ThawConfig;
   readonly #log: Logger;
   readonly #namespace: string;
+  /** Exit of each app this engine started, from a `runsc wait` attached before it ran. */
+  readonly #exits = new Map<string, Promise<ExitResult>>();
   /** Restore must use the checkpoint's staged state: page-cache staging and O_DIRECT reads exclude each other. */
   stagedRestore: boolean;
 
@@ -93,8 +95,21 @@ export class GvisorEngine implements Engine {
   }
 
   async start(id: string): Promise<EngineState> {
+    this.#watch(id);
     await this.runsc.start(this.#rid(id));
     return this.state(id);
+  }
+
+  /**
+   * Attaches `runsc wait` before the app runs: runsc cannot report the status of an app that has
+   * already exited and whose sandbox is gone, so a short-lived app would otherwise read as 255.
+   */
+  #watch(id: string): void {
+    const exited = this.runsc
+      .wait(this.#rid(id), { timeoutMs: 0 })
+      .then((exitStatus) => ({ exitStatus, exitedAt: new Date() }));
+    exited.catch(() => undefined);
+    this.#exits.set(id, exited);
   }
 
   async prepareRestore(opts: CreateOptions): Promise<void> {
@@ -107,6 +122,7 @@ export class GvisorEngine implements Engine {
     const flags = bestRestoreFlags(caps, format);
     // A staged image sits in the page cache; O_DIRECT reads would go around it to the disk.
     const direct = flags.direct && !this.stagedRestore;
+    this.#watch(opts.id);
     await this.runsc.restore(this.#rid(opts.id), {
       bundle: opts.bundle,
       imagePath: opts.imageDir,
@@ -139,6 +155,8 @@ export class GvisorEngine implements Engine {
   }
 
   async wait(id: string, signal?: AbortSignal): Promise<ExitResult> {
+    const attached = this.#exits.get(id);
+    if (attached) return attached;
     const exitStatus = await this.runsc.wait(this.#rid(id), { signal, timeoutMs: 0 });
     return { exitStatus, exitedAt: new Date() };
   }
@@ -148,6 +166,7 @@ export class GvisorEngine implements Engine {
   }
 
   async delete(id: string, opts: { force?: boolean } = {}): Promise<void> {
+    this.#exits.delete(id);
     await this.runsc.delete(this.#rid(id), { force: opts.force ?? false });
   }
 

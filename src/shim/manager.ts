@@ -103,7 +103,7 @@ export async function start(opts: StartOptions): Promise<StartResult> {
     detached: true, // setsid: containerd's process group signals must not reach the server
     stdio: ['ignore', output, output, 'pipe'],
   });
-  const outcome = await waitReady(child, opts.readyTimeoutMs ?? 10_000);
+  const outcome = await waitReady(child, opts.readyTimeoutMs ?? 30_000);
   child.unref();
   if (outcome === 'exists') {
     // Another start of the same group won the race for the socket.
