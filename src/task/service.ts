@@ -30,6 +30,8 @@ import type { ExitInfo, Process, ProcessStatus } from './process/process.js';
 import { mountRootfs, unmountRootfs } from './rootfs.js';
 import { OpenStdio } from './stdio.js';
 import { CONFIG_PATH_FILE } from './dead-task.js';
+import { prepareTrigger, triggerTarget } from '../trigger/target.js';
+import type { TriggerController } from '../trigger/controller.js';
 
 const STATUS: Record<ProcessStatus, Status> = {
   created: Status.CREATED,
@@ -53,6 +55,8 @@ export const createTaskService: CreateTaskService = async (ctx) => {
 export class TaskService {
   /** Invariant: keyed by container id; an entry exists from Create until its Delete returns. */
   readonly #containers = new Map<string, Container>();
+  /** Checkpoint triggers (thaw.dev/checkpoint), by container id; Create to Delete, like #containers. */
+  readonly #triggers = new Map<string, TriggerController>();
 
   constructor(
     private readonly ctx: TaskServiceContext,
@@ -92,6 +96,9 @@ export class TaskService {
         const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal };
         const io = await OpenStdio.open(stdio);
         cleanup.add('close stdio', () => io.close());
+        // Before plan: it adds the /run/thaw mount to config.json, which the key and runsc then see.
+        const trigger = await prepareTrigger({ bundle: req.bundle, id: req.id, namespace: this.ctx.namespace, config: this.rt.config, log });
+        if (trigger) cleanup.add('remove control dir', () => trigger.dispose());
         const lifecycle = this.rt.lifecycle;
         const plan = await lifecycle.plan({
           id: req.id,
@@ -118,6 +125,7 @@ export class TaskService {
           onExit: this.#onExit,
         });
         this.#containers.set(req.id, new Container(req.id, this.ctx.namespace, req.bundle, init, rootfsTarget));
+        if (trigger) this.#triggers.set(req.id, trigger);
         cleanup.release();
         this.#publish(
           create(TaskCreateSchema, {
@@ -136,8 +144,11 @@ export class TaskService {
         const c = this.#get(req.id);
         const p = c.process(req.execId);
         const pid = await p.start();
-        if (req.execId === '') this.#publish(create(TaskStartSchema, { containerId: req.id, pid }));
-        else this.#publish(create(TaskExecStartedSchema, { containerId: req.id, execId: req.execId, pid }));
+        if (req.execId === '') {
+          this.#publish(create(TaskStartSchema, { containerId: req.id, pid }));
+          const trigger = this.#triggers.get(req.id);
+          trigger?.started(triggerTarget({ controller: trigger, init: c.init, config: this.rt.config, store: this.rt.store }));
+        } else this.#publish(create(TaskExecStartedSchema, { containerId: req.id, execId: req.execId, pid }));
         return { pid };
       },
 
@@ -177,7 +188,11 @@ export class TaskService {
           c.execs.delete(req.execId);
           return { pid: p.pid, exitStatus: exit.status, exitedAt: toTimestamp(exit.at) };
         }
+        const trigger = this.#triggers.get(c.id);
+        await trigger?.stop(); // no checkpoint may start while the container goes away
         const exit = await c.init.delete();
+        await trigger?.dispose();
+        this.#triggers.delete(c.id);
         if (c.rootfsTarget) await unmountRootfs(c.rootfsTarget);
         await this.rt.records.remove(c.id, c.namespace);
         this.#containers.delete(c.id);
@@ -227,7 +242,10 @@ export class TaskService {
         const opts = req.options ? unpackAny(req.options, CheckpointOptionsSchema) : undefined;
         const target = opts?.imagePath || req.path;
         const leaveRunning = !(opts?.exit ?? false);
-        await this.#checkpoint(c, target, leaveRunning);
+        // With a trigger configured, its hooks (pre-checkpoint, kv-cache) run around this checkpoint too.
+        const trigger = this.#triggers.get(req.id);
+        const run = (): Promise<void> => this.#checkpoint(c, target, leaveRunning);
+        await (trigger ? trigger.manual(leaveRunning, run) : run());
         this.#publish(create(TaskCheckpointedSchema, { containerId: req.id, checkpoint: target }));
         return {};
       },

@@ -1,7 +1,7 @@
 import { watch, type FSWatcher } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ShimError, asShimError, isShimError } from '../errors.js';
-import { readBundleSpec } from '../bundle/bundle.js';
+import { readBundleSpec, type OciSpec } from '../bundle/bundle.js';
 import type { Logger } from '../log/logger.js';
 import type { ContainerExec } from './container-exec.js';
 import { addControlMount, CONTROL_FILES, ControlDir, controlDirFor } from './control-dir.js';
@@ -101,6 +101,8 @@ export class TriggerController {
   readonly dir: ControlDir;
   readonly policy: TriggerPolicy | null;
   readonly configError: TriggerConfigError | null;
+  /** The container's OCI process: hooks run with its env, cwd, user and capabilities. */
+  readonly process: Readonly<Record<string, unknown>>;
   readonly #log: Logger;
   readonly #env: string[];
   readonly #hostUds: boolean;
@@ -118,8 +120,19 @@ export class TriggerController {
   #fired = false;
   #stopped = false;
 
-  private constructor(o: { id: string; dir: ControlDir; policy: TriggerPolicy | null; configError: TriggerConfigError | null; env: string[]; hostUds: boolean; log: Logger; timeouts?: Partial<TriggerTimeouts> }) {
+  private constructor(o: {
+    id: string;
+    dir: ControlDir;
+    policy: TriggerPolicy | null;
+    configError: TriggerConfigError | null;
+    process: Readonly<Record<string, unknown>>;
+    env: string[];
+    hostUds: boolean;
+    log: Logger;
+    timeouts?: Partial<TriggerTimeouts>;
+  }) {
     this.id = o.id;
+    this.process = o.process;
     this.dir = o.dir;
     this.policy = o.policy;
     this.configError = o.configError;
@@ -143,7 +156,12 @@ export class TriggerController {
    * configuration is logged here and yields a controller without a trigger.
    */
   static async prepare(o: PrepareTriggerOptions, timeouts?: Partial<TriggerTimeouts>): Promise<TriggerController | undefined> {
-    const spec = await readBundleSpec(o.bundle);
+    let spec: OciSpec;
+    try {
+      spec = await readBundleSpec(o.bundle);
+    } catch {
+      return undefined; // Lifecycle.plan reads the bundle next and reports what is wrong with it
+    }
     const annotations = spec.annotations ?? {};
     if (!wantsControlDir(annotations, o.defaults)) return undefined;
     const log = o.log.child({ id: o.id });
@@ -167,7 +185,7 @@ export class TriggerController {
     const ignored = new Set(o.ignoreEnv);
     const env = (spec.process.env ?? []).filter((e) => ignored.has(e.slice(0, Math.max(0, e.indexOf('=')))));
     const hostUds = o.hostUds === 'open' || o.hostUds === 'all';
-    const c = new TriggerController({ id: o.id, dir, policy, configError, env, hostUds, log, timeouts });
+    const c = new TriggerController({ id: o.id, dir, policy, configError, process: spec.process, env, hostUds, log, timeouts });
     await c.#writeStatus();
     if (policy) log.info({ trigger: describeTrigger(policy.trigger), controlDir: dir.path, phase: 'trigger' }, 'trigger configured');
     return c;
