@@ -4,7 +4,7 @@
  * GiB of patterned memory (demo/app/thaw-demo-app.c).
  *
  *   npx tsc -p . && node dist/bench/pages/run.js --gib 1,4 --reps 3 [--modes plain,criu-lazy,thaw]
- *       [--caches warm,cold] [--threads 2] [--chunk-kib 1024] [--order file] [--work DIR] [--out FILE]
+ *       [--caches warm,cold] [--threads 1,2] [--chunk-kib 1024] [--order file] [--work DIR] [--out FILE]
  *
  * Per size: start the app, time a SIGUSR1 verify of its memory (the app's own read cost), dump it
  * (`criu dump --shell-job`), then per rep × cache × mode: restore and send SIGUSR1 at once; the
@@ -30,7 +30,7 @@ interface Args {
   reps: number;
   modes: Mode[];
   caches: Cache[];
-  threads: number;
+  threads: number[];
   chunkKib: number;
   order: FillOrder;
   criu: string;
@@ -49,7 +49,7 @@ function parseArgs(argv: string[]): Args {
     reps: Number(get('reps', '3')),
     modes: get('modes', 'plain,criu-lazy,thaw').split(',') as Mode[],
     caches: get('caches', 'warm,cold').split(',') as Cache[],
-    threads: Number(get('threads', String(Math.max(1, Math.min(8, availableParallelism()))))),
+    threads: get('threads', String(Math.max(1, Math.min(8, availableParallelism() - 1)))).split(',').map(Number),
     chunkKib: Number(get('chunk-kib', '1024')),
     order: get('order', 'file') as FillOrder,
     criu: get('criu', '/opt/thaw/criu/bin/criu'),
@@ -154,11 +154,12 @@ async function main(): Promise<void> {
 
     for (let rep = 0; rep < args.reps; rep++) {
       for (const cache of args.caches) {
-        for (const mode of args.modes) {
+        const runs = args.modes.flatMap((mode): { mode: Mode; threads: number }[] => (mode === 'thaw' ? args.threads.map((threads) => ({ mode, threads })) : [{ mode, threads: 1 }]));
+        for (const { mode, threads } of runs) {
           truncateSync(log, logSize); // CRIU checks the size of files it reopens
           if (cache === 'cold') await dropCaches();
           else await warm(img);
-          const row: Row = { gib, step: 'restore', mode, cache, rep, threads: mode === 'thaw' ? args.threads : 1, load1: loadavg()[0]! };
+          const row: Row = { gib, step: 'restore', mode, cache, rep, threads, load1: loadavg()[0]! };
           let daemon: ReturnType<typeof execa> | undefined;
           let lazy: Promise<LazyPagesResult> | undefined;
           const restoreArgv = ['restore', '-D', img, '-W', work, '--shell-job', '--restore-detached', '-o', `restore-${mode}.log`];
@@ -173,7 +174,7 @@ async function main(): Promise<void> {
               const r = await startLazyRestore({
                 imageDir: img,
                 workDir: work,
-                threads: args.threads,
+                threads,
                 chunkBytes: args.chunkKib * 1024,
                 order: args.order,
                 hooks: {
@@ -233,7 +234,7 @@ function median(xs: number[]): number {
 function summarize(rows: Row[]): void {
   const groups = new Map<string, Row[]>();
   for (const r of rows.filter((x) => x.step === 'restore' && x.ok === true)) {
-    const k = `${r.gib} GiB | ${r.mode} | ${r.cache}`;
+    const k = `${r.gib} GiB | ${r.mode}${r.mode === 'thaw' ? ` ×${r.threads}` : ''} | ${r.cache}`;
     groups.set(k, [...(groups.get(k) ?? []), r]);
   }
   console.log('| GiB | mode | cache | restore cmd s | → VERIFY OK s | thaw fill s | n |');

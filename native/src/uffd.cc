@@ -303,7 +303,7 @@ struct Target {
   // when a fault queued it again ahead of its turn — two workers must never copy the same pages.
   std::unique_ptr<std::atomic<uint8_t>[]> claimed;
   TargetStats stats;                   // plain counters: updated under the lock or at the end
-  std::atomic<uint64_t> copied{0}, existing{0}, dropped{0}, vanished{0};
+  std::atomic<uint64_t> copied{0}, existing{0}, dropped{0}, vanished{0}, raced{0};
 
   void Reindex() {
     std::sort(extents.begin(), extents.end(), [](const Extent& a, const Extent& b) { return a.addr < b.addr; });
@@ -419,6 +419,14 @@ struct PendingFault {
   double read_at_ms;
 };
 
+// A fault that needs image data: read outside the exclusive lock, copied under the shared one.
+struct FaultCopy {
+  Target* target;
+  uint64_t page;
+  uint64_t pages;
+  double read_at_ms;
+};
+
 enum class CopyOutcome { kDone, kAgain, kExited, kFailed };
 
 class Session {
@@ -452,7 +460,11 @@ class Session {
   void Worker();
   void ProcessJob(const Job& job, char* buf);
   CopyOutcome CopyPages(Target* t, uint64_t* pos, uint64_t end, uint64_t buf_first, const char* buf, uint64_t* copied);
-  bool ServeFault(const PendingFault& f);
+  // Exclusive lock held: answers what needs no data at once. Returns 0 (answered), 1 (*copy must be
+  // read and copied), -1 (an event is pending: again).
+  int TriageFault(const PendingFault& f, FaultCopy* copy);
+  // No lock held: reads and copies. Returns false when an event is pending (again).
+  bool CopyFault(const FaultCopy& c);
   void ReadEvents(Target* t, std::vector<std::unique_ptr<Target>>* born);
   void ApplyRemap(Target* t, uint64_t from, uint64_t to, uint64_t len);
   void ApplyUnmap(Target* t, uint64_t start, uint64_t end);
@@ -479,6 +491,7 @@ class Session {
 
   bool started_ = false;  // the eager fill may run (start_fd was readable)
   std::vector<PendingFault> faults_;
+  std::vector<FaultCopy> fault_copies_;
   std::vector<uint32_t> by_first_page_;  // chunk indices in memory (image page) order
   AlignedBuffer fault_buf_;
   uint64_t max_chunk_pages_ = 1;
@@ -532,8 +545,14 @@ CopyOutcome Session::CopyPages(Target* t, uint64_t* pos, uint64_t end, uint64_t 
     switch (err) {
       case EAGAIN:  // an address-space event is pending: the event thread must read it first
         return CopyOutcome::kAgain;
-      case EEXIST:  // already there (a fork child holds its parent's pages)
-        t->existing += t->Clear(p, 1);
+      case EEXIST:
+        // A fork child holds its parent's pages: those count as existing. Otherwise another of our
+        // threads (a fault and a worker on the same pages) installed it and clears its bit itself.
+        if (t->forked) {
+          t->existing += t->Clear(p, 1);
+        } else {
+          t->raced++;
+        }
         *pos = p + 1;
         break;
       case ENOENT:  // the range is not one registered VMA (split by mprotect, or gone): go smaller
@@ -662,32 +681,17 @@ void Session::Follow(Target* t, uint64_t page) {
   q_cv_.notify_all();
 }
 
-// Called with the exclusive lock. Returns false when the kernel said "again" (an event is pending).
-bool Session::ServeFault(const PendingFault& f) {
+int Session::TriageFault(const PendingFault& f, FaultCopy* copy) {
   Target* t = f.target;
-  if (t->exited.load()) return true;
+  if (t->exited.load()) return 0;
   const uint64_t page_addr = f.addr & ~(kPageSize - 1);
   const Extent* e = t->FindAddr(page_addr);
   if (e != nullptr) {
     uint64_t p = e->first_page + (page_addr - e->addr) / kPageSize;
     if (t->IsWanted(p)) {
       uint64_t limit = std::min<uint64_t>(1 + opt_.fault_ahead_pages, e->first_page + e->pages - p);
-      uint64_t n = std::max<uint64_t>(1, t->WantedRun(p, limit));
-      ssize_t got = PreadFull(fault_fd_.get(), fault_buf_.get(), n * kPageSize, p * kPageSize);
-      if (got < 0 || static_cast<uint64_t>(got) < n * kPageSize) {
-        Fail("read", got < 0 ? static_cast<int>(-got) : 0,
-             Sprintf("fault read of %s at %llu failed: %s", opt_.pages_path.c_str(),
-                     static_cast<unsigned long long>(p * kPageSize), got < 0 ? strerror(static_cast<int>(-got)) : "short read"));
-        return true;
-      }
-      bytes_read_ += static_cast<uint64_t>(got);
-      uint64_t pos = p, copied = 0;
-      CopyOutcome out = CopyPages(t, &pos, p + n, p, fault_buf_.get(), &copied);
-      t->stats.fault_pages_copied += copied;
-      if (copied > 0) Follow(t, p);
-      if (out == CopyOutcome::kAgain && copied == 0) return false;
-      if (out == CopyOutcome::kAgain) return ServeFault(f);  // the faulting page may still be missing
-      return true;
+      *copy = {t, p, std::max<uint64_t>(1, t->WantedRun(p, limit)), f.read_at_ms};
+      return 1;
     }
   }
   // Not an image page (never dumped, or dropped by the app): the kernel's zero page, as CRIU does.
@@ -697,27 +701,47 @@ bool Session::ServeFault(const PendingFault& f) {
   z.mode = 0;
   if (ioctl(t->uffd, UFFDIO_ZEROPAGE, &z) == 0) {
     t->stats.zero_pages++;
-    return true;
+    return 0;
   }
   int err = errno;
   switch (err) {
     case EAGAIN:
-      return false;
+      return -1;
     case EEXIST:
     case ENOENT: {  // already there, or no longer ours: just let the faulting thread retry
       uffdio_range r{page_addr, kPageSize};
       ioctl(t->uffd, UFFDIO_WAKE, &r);
-      return true;
+      return 0;
     }
     case ESRCH:
     case ENOSPC:
       t->exited.store(true);
-      return true;
+      return 0;
     default:
       Fail("UFFDIO_ZEROPAGE", err,
            Sprintf("UFFDIO_ZEROPAGE at 0x%llx failed: %s", static_cast<unsigned long long>(page_addr), strerror(err)));
-      return true;
+      return 0;
   }
+}
+
+bool Session::CopyFault(const FaultCopy& c) {
+  Target* t = c.target;
+  if (t->exited.load() || t->NextWanted(c.page, c.page + c.pages) >= c.page + c.pages) return true;
+  ssize_t got = PreadFull(fault_fd_.get(), fault_buf_.get(), c.pages * kPageSize, c.page * kPageSize);
+  if (got < 0 || static_cast<uint64_t>(got) < c.pages * kPageSize) {
+    Fail("read", got < 0 ? static_cast<int>(-got) : 0,
+         Sprintf("fault read of %s at %llu failed: %s", opt_.pages_path.c_str(),
+                 static_cast<unsigned long long>(c.page * kPageSize), got < 0 ? strerror(static_cast<int>(-got)) : "short read"));
+    return true;
+  }
+  bytes_read_ += static_cast<uint64_t>(got);
+  uint64_t pos = c.page, copied = 0;
+  pthread_rwlock_rdlock(&rw_);
+  CopyOutcome out = CopyPages(t, &pos, c.page + c.pages, c.page, fault_buf_.get(), &copied);
+  pthread_rwlock_unlock(&rw_);
+  t->stats.fault_pages_copied += copied;
+  if (copied > 0) Follow(t, c.page);
+  return out != CopyOutcome::kAgain;
 }
 
 void Session::ApplyRemap(Target* t, uint64_t from, uint64_t to, uint64_t len) {
@@ -885,7 +909,7 @@ void Session::Run() {
   std::vector<pollfd> fds;
   for (;;) {
     if (failed_.load()) break;
-    if (started_ && faults_.empty() && AllIdle()) break;  // every chunk processed, nothing waiting
+    if (started_ && faults_.empty() && fault_copies_.empty() && AllIdle()) break;  // all done, nothing waiting
     fds.clear();
     for (auto& t : targets_) {
       if (!t->exited.load()) fds.push_back({t->uffd, POLLIN, 0});
@@ -894,7 +918,7 @@ void Session::Run() {
     const size_t start_slot = fds.size();
     if (!started_) fds.push_back({opt_.start_fd, POLLIN, 0});
     if (opt_.cancel_fd >= 0) fds.push_back({opt_.cancel_fd, POLLIN, 0});
-    int rc = poll(fds.data(), fds.size(), faults_.empty() ? 100 : 1);
+    int rc = poll(fds.data(), fds.size(), faults_.empty() && fault_copies_.empty() ? 100 : 1);
     if (rc < 0 && errno != EINTR) {
       Fail("poll", errno, Sprintf("poll failed: %s", strerror(errno)));
       break;
@@ -920,14 +944,30 @@ void Session::Run() {
     std::vector<PendingFault> again;
     for (const PendingFault& f : faults_) {
       if (failed_.load()) break;
-      if (!ServeFault(f)) {
+      FaultCopy c;
+      int r = TriageFault(f, &c);
+      if (r < 0) {
         again.push_back(f);
+      } else if (r > 0) {
+        fault_copies_.push_back(c);
       } else {
         fault_wait_max_ms_ = std::max(fault_wait_max_ms_, NowMs() - f.read_at_ms);
       }
     }
     faults_.swap(again);
     pthread_rwlock_unlock(&rw_);
+    // Faults that need data: read with no lock held (a cold read takes milliseconds, and the eager
+    // workers keep copying meanwhile), copy under the shared side like a worker.
+    std::vector<FaultCopy> copies_again;
+    for (const FaultCopy& c : fault_copies_) {
+      if (failed_.load()) break;
+      if (!CopyFault(c)) {
+        copies_again.push_back(c);
+      } else {
+        fault_wait_max_ms_ = std::max(fault_wait_max_ms_, NowMs() - c.read_at_ms);
+      }
+    }
+    fault_copies_.swap(copies_again);
     for (auto& c : born) {
       targets_.push_back(std::move(c));
       if (started_) EnqueueAll(targets_.back().get());
@@ -959,6 +999,7 @@ void Session::Run() {
     s.pages_existing = t->existing.load();
     s.pages_dropped = t->dropped.load();
     s.pages_vanished = t->vanished.load();
+    s.pages_raced = t->raced.load();
     s.pages_left = t->CountWanted();
     if (ok && opt_.close_when_filled) {
       ::close(t->uffd);

@@ -101,6 +101,7 @@ struct TargetStats {
   uint64_t pages_dropped = 0;         // removed/unmapped by the app before we copied them
   uint64_t pages_vanished = 0;        // no registered VMA any more without an event (ENOENT)
   uint64_t pages_left = 0;            // still wanted at the end (must be 0 on success)
+  uint64_t pages_raced = 0;           // a fault and a worker copied the same page: the second got EEXIST
   uint64_t faults = 0;
   uint64_t fault_pages_copied = 0;
   uint64_t zero_pages = 0;            // faults answered with UFFDIO_ZEROPAGE

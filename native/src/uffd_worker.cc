@@ -176,6 +176,7 @@ class FillWorker : public PromiseWorker {
       t.Set("pagesDropped", static_cast<double>(s.pages_dropped));
       t.Set("pagesVanished", static_cast<double>(s.pages_vanished));
       t.Set("pagesLeft", static_cast<double>(s.pages_left));
+      t.Set("pagesRaced", static_cast<double>(s.pages_raced));
       t.Set("faults", static_cast<double>(s.faults));
       t.Set("faultPagesCopied", static_cast<double>(s.fault_pages_copied));
       t.Set("zeroPages", static_cast<double>(s.zero_pages));

@@ -66,6 +66,8 @@ export interface NativeFillTarget {
   pagesDropped: number;
   pagesVanished: number;
   pagesLeft: number;
+  /** A fault and a worker copied the same page at once; the second got EEXIST (harmless, informative). */
+  pagesRaced: number;
   faults: number;
   faultPagesCopied: number;
   zeroPages: number;
