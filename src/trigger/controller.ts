@@ -62,6 +62,10 @@ export interface TriggerTarget {
   /** How the app came up, known after Start; undefined before. */
   launched(): LaunchInfo | undefined;
   running(): boolean;
+  /** The init process is paused (containerd's client pauses a task around Task.Checkpoint). */
+  paused(): boolean;
+  pause(): Promise<void>;
+  resume(): Promise<void>;
   /** Is there a committed snapshot for `key`, or a checkpoint of it in progress (anywhere)? */
   snapshotState(key: string): Promise<'none' | 'committed' | 'in-progress'>;
 }
@@ -232,26 +236,39 @@ export class TriggerController {
 
   /**
    * A checkpoint asked for from outside (Task.Checkpoint): runs the hooks around `checkpoint` when
-   * the configuration is valid; resume hooks only when the container keeps running.
+   * the configuration is valid; resume hooks only when the container keeps running. containerd's
+   * client pauses the task around Task.Checkpoint, and hooks cannot run in a paused sandbox: the
+   * task is resumed for the hooks only and paused again, so the checkpoint itself and containerd's
+   * own resume see the state containerd left.
    */
   async manual<T>(leaveRunning: boolean, checkpoint: () => Promise<T>): Promise<T> {
-    if (!this.policy || this.#busy) {
-      if (this.#busy) throw new ShimError('FailedPrecondition', 'a triggered checkpoint of this container is in progress');
-      return checkpoint();
-    }
+    const target = this.#target;
+    const hooks = this.policy && (this.policy.preCheckpoint !== null || this.policy.kvCache.mode === 'discard');
+    if (this.#busy) throw new ShimError('FailedPrecondition', 'a triggered checkpoint of this container is in progress');
+    if (!this.policy || !target) return checkpoint();
+    const paused = hooks ? target.paused() : false;
+    const unpaused = async <R>(fn: () => Promise<R>): Promise<R> => {
+      if (!paused) return fn();
+      await target.resume();
+      try {
+        return await fn();
+      } finally {
+        await target.pause();
+      }
+    };
     let result: T | undefined;
     await this.#withBusy(async () => {
       this.#setStatus({ state: 'running', reason: null });
       let undo: UndoHook[] = [];
       try {
-        undo = await this.#quiesce();
+        undo = await unpaused(() => this.#quiesce());
         result = await checkpoint();
         this.#setStatus({ state: 'committed', snapshot: this.#launch?.key ?? null });
       } catch (err) {
         this.#setStatus({ state: isShimError(err, 'AlreadyExists') ? 'skipped' : 'failed', reason: asShimError(err).message });
         throw err;
       } finally {
-        if (leaveRunning) await this.#resume(undo, 'checkpointed');
+        if (leaveRunning && undo.length > 0) await unpaused(() => this.#resume(undo, 'checkpointed'));
       }
     });
     return result as T;
@@ -479,8 +496,9 @@ export class TriggerController {
     const restored = launch.restored!;
     const restoredAt = new Date().toISOString();
     try {
-      await this.dir.writeJson(CONTROL_FILES.restored, { restoredAt, snapshot: restored.snapshot, restoreMs: restored.restoreMs });
+      // env first: `restored` is what the app waits for, and env must be complete by then.
       await this.dir.write(CONTROL_FILES.env, this.#env.map((e) => `${e}\n`).join(''));
+      await this.dir.writeJson(CONTROL_FILES.restored, { restoredAt, snapshot: restored.snapshot, restoreMs: restored.restoreMs });
     } catch (err) {
       this.#log.warn({ err }, 'could not tell the app it was restored');
     }

@@ -33,6 +33,8 @@ export interface TriggerInit {
   readonly status: string;
   readonly record: ContainerRecord | undefined;
   checkpoint(leaveRunning: boolean): Promise<CheckpointResult>;
+  pause(): Promise<void>;
+  resume(): Promise<void>;
 }
 
 export function triggerTarget(o: { controller: TriggerController; init: TriggerInit; config: ThawConfig; store: SnapshotStore }): TriggerTarget {
@@ -47,6 +49,9 @@ export function triggerTarget(o: { controller: TriggerController; init: TriggerI
       return { key: r.key, restored: restored ? { snapshot: r.snapshot!, restoreMs: r.timings.restore ?? null } : null };
     },
     running: () => init.status === 'running',
+    paused: () => init.status === 'paused',
+    pause: () => init.pause(),
+    resume: () => init.resume(),
     snapshotState: async (key) => {
       // A snapshot dir whose manifest is damaged still blocks a new checkpoint of the key.
       const committed = await store.get(key).then(

@@ -26,6 +26,7 @@ interface World {
   checkpointError: Error | undefined;
   launch: LaunchInfo | undefined;
   env: string[][];
+  paused: boolean;
 }
 
 async function world(t: Test, annotations: Record<string, string>, o: { env?: string[]; launch?: LaunchInfo } = {}): Promise<World> {
@@ -47,7 +48,7 @@ async function world(t: Test, annotations: Record<string, string>, o: { env?: st
       },
     }),
   );
-  const w = { events: [] as string[], logs, hookResult: new Map(), snapshotState: 'none', checkpointError: undefined, env: [] as string[][], bundle } as unknown as World;
+  const w = { events: [] as string[], logs, hookResult: new Map(), snapshotState: 'none', checkpointError: undefined, env: [] as string[][], bundle, paused: false } as unknown as World;
   w.launch = o.launch ?? { key: KEY, restored: null };
   const exec: ContainerExec = {
     run: async (req: ExecRequest) => {
@@ -67,7 +68,16 @@ async function world(t: Test, annotations: Record<string, string>, o: { env?: st
       return { snapshot: KEY, bytes: 1234, timings: {} };
     },
     launched: () => w.launch,
-    running: () => true,
+    running: () => !w.paused,
+    paused: () => w.paused,
+    pause: async () => {
+      w.events.push('pause');
+      w.paused = true;
+    },
+    resume: async () => {
+      w.events.push('resume');
+      w.paused = false;
+    },
     snapshotState: async () => w.snapshotState,
   };
   const c = await TriggerController.prepare(
@@ -291,6 +301,15 @@ t.test('manual checkpoints (Task.Checkpoint) run the hooks too', async (t) => {
   w.events.length = 0;
   await w.c.manual(false, async () => w.events.push('exit-checkpoint'));
   t.same(w.events, ['pre-checkpoint', 'kv-cache-discard', 'exit-checkpoint'], 'no resume hooks when the container stops');
+  w.events.length = 0;
+  w.paused = true;
+  await w.c.manual(true, async () => w.events.push(`checkpoint-paused=${w.paused}`));
+  t.same(
+    w.events,
+    ['resume', 'pre-checkpoint', 'kv-cache-discard', 'pause', 'checkpoint-paused=true', 'resume', 'kv-cache-restore', 'post-restore', 'pause'],
+    'a task containerd paused is resumed for the hooks only',
+  );
+  t.equal(w.paused, true, 'left paused for containerd to resume');
 });
 
 t.test('stop ends a waiting trigger', async (t) => {
