@@ -95,14 +95,16 @@ export class GvisorEngine implements Engine {
   }
 
   async start(id: string): Promise<EngineState> {
-    this.#watch(id);
     await this.runsc.start(this.#rid(id));
+    this.#watch(id);
     return this.state(id);
   }
 
   /**
-   * Attaches `runsc wait` before the app runs: runsc cannot report the status of an app that has
-   * already exited and whose sandbox is gone, so a short-lived app would otherwise read as 255.
+   * Attaches `runsc wait` as soon as the app runs. Not before: runsc 20240729 answers a Wait on a
+   * container that is not started yet with "not started", then can only wait for the sandbox
+   * process and fails with "exit status is unavailable" (255) for every app. An app that exits
+   * before the wait connects (~0.1 s) still reads 255: only the sandbox's reaper sees that status.
    */
   #watch(id: string): void {
     const exited = this.runsc
@@ -122,7 +124,6 @@ export class GvisorEngine implements Engine {
     const flags = bestRestoreFlags(caps, format);
     // A staged image sits in the page cache; O_DIRECT reads would go around it to the disk.
     const direct = flags.direct && !this.stagedRestore;
-    this.#watch(opts.id);
     await this.runsc.restore(this.#rid(opts.id), {
       bundle: opts.bundle,
       imagePath: opts.imageDir,
@@ -131,6 +132,7 @@ export class GvisorEngine implements Engine {
       background: flags.background,
       signal: opts.signal,
     });
+    this.#watch(opts.id);
     return this.state(opts.id);
   }
 
