@@ -18,7 +18,7 @@ export const CONFIG_PATH_FILE = 'thaw-config-path';
  * dead server left. Best effort: every step runs even if an earlier one failed.
  *
  * containerd 1.6 runs this after every shim exit, a normal Shutdown included (`ctr run --rm` waits
- * for it), and 1.7+ kills it after 5 s: when the task left nothing behind it returns before
+ * for it), and kills it after 5 s (1.6.20 and 1.7 alike): when the task left nothing behind it returns before
  * loading the engines and execa, which cost most of a Node start-up under load.
  */
 export function cleanupDeadTaskWith(configPath: string | undefined): CleanupDeadTask {
@@ -31,28 +31,26 @@ export function cleanupDeadTaskWith(configPath: string | undefined): CleanupDead
     if (!record && !mounted && config.engine === 'gvisor' && !(await runscKnows(config, id, namespace))) {
       return { exitStatus: 137, exitedAt: new Date() };
     }
-    const { openRuntime } = await import('../engine/runtime.js');
-    const rt = await openRuntime(config, log);
-    const engine = rt.engine(record?.engine ?? 'gvisor', namespace);
-    let pid = record?.pid;
-    // Separate steps: a failed state query must not keep the sandbox from being deleted.
-    try {
-      pid = (await engine?.state(id))?.pid ?? pid;
-    } catch (err) {
-      if (!isShimError(err, 'NotFound')) log.warn({ id, err }, 'dead task: runtime state failed');
-    }
-    try {
-      await engine?.delete(id, { force: true });
-    } catch (err) {
-      // The sandbox may be gone already (it died with the shim, or Delete ran before the exit).
-      if (!isShimError(err, 'NotFound')) log.warn({ id, err }, 'dead task: runtime delete failed');
-    }
-    if (mounted) {
+    // containerd kills this verb after 5 s and `runsc delete --force` of a live sandbox alone takes
+    // ~2 s, so the unmount runs alongside it; the pid comes from the record, not a runsc query.
+    const deleteSandbox = async (): Promise<void> => {
+      const { openRuntime } = await import('../engine/runtime.js');
+      const rt = await openRuntime(config, log);
+      try {
+        await rt.engine(record?.engine ?? 'gvisor', namespace)?.delete(id, { force: true });
+      } catch (err) {
+        // The sandbox may be gone already (it died with the shim, or Delete ran before the exit).
+        if (!isShimError(err, 'NotFound')) log.warn({ id, err }, 'dead task: runtime delete failed');
+      }
+    };
+    const unmount = async (): Promise<void> => {
+      if (!mounted) return;
       const { unmountRootfs } = await import('./rootfs.js');
       await unmountRootfs(rootfs).catch((err: unknown) => log.warn({ id, err }, 'dead task: unmount failed'));
-    }
+    };
+    await Promise.all([deleteSandbox(), unmount()]);
     await records.remove(id, namespace);
-    return { pid, exitStatus: 137, exitedAt: new Date() };
+    return { pid: record?.pid, exitStatus: 137, exitedAt: new Date() };
   };
 }
 

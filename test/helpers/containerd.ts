@@ -243,6 +243,11 @@ export interface ContainerdOptions {
   extraToml?: string;
   /** Temp dir prefix (under os.tmpdir()). */
   prefix?: string;
+  /**
+   * Directory holding containerd-shim-thaw-v2 and thaw; default: THAW_TEST_BIN if set (e.g. an
+   * installed release), else a build of this checkout (buildThawBinaries).
+   */
+  bin?: string;
 }
 
 interface Tracked {
@@ -313,7 +318,7 @@ export class ContainerdHarness {
   }
 
   async #start(): Promise<void> {
-    this.bin = await buildThawBinaries();
+    this.bin = this.#opts.bin ?? process.env.THAW_TEST_BIN ?? (await buildThawBinaries());
     await mkdir(this.fifoDir, { recursive: true });
     await mkdir(path.dirname(this.thawConfigPath), { recursive: true });
     const thawConfig = deepMerge({ stateDir: this.thawState, store: { path: this.thawStore } }, this.#opts.thawConfig ?? {});
@@ -325,7 +330,9 @@ export class ContainerdHarness {
       ...this.#opts.env,
       PATH: [this.bin, ...(this.#opts.extraPath ?? []), process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin'].join(':'),
     };
-    const child = spawn(this.#opts.containerd ?? 'containerd', ['--config', config, '--log-level', 'info'], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+    // At debug level containerd also passes -debug to the shim (runsc argv and phases in the log).
+    const level = process.env.THAW_TEST_DEBUG ? 'debug' : 'info';
+    const child = spawn(this.#opts.containerd ?? 'containerd', ['--config', config, '--log-level', level], { env, stdio: ['ignore', 'ignore', 'pipe'] });
     this.#containerd = child;
     child.stderr?.on('data', (c: Buffer) => {
       this.#log += c.toString();
@@ -341,6 +348,9 @@ export class ContainerdHarness {
       'containerd to serve',
     );
     void exited;
+    // containerd starts without a plugin whose config it rejects; say why instead of "unknown service".
+    const failed = /failed to load plugin io\.containerd\.grpc\.v1\.cri.*/.exec(this.#log);
+    if (this.#opts.cri && failed) throw new Error(`containerd's CRI plugin did not load: ${failed[0]}`);
   }
 
   async #configToml(): Promise<string> {
@@ -372,6 +382,8 @@ export class ContainerdHarness {
         `  conf_dir = "${cniConf}"`,
         `[${P}.containerd]`,
         '  default_runtime_name = "runc"',
+        `[${P}.containerd.runtimes.runc]`,
+        '  runtime_type = "io.containerd.runc.v2"',
         `[${P}.containerd.runtimes.thaw]`,
         `  runtime_type = "${THAW_RUNTIME}"`,
         '  pod_annotations = ["thaw.dev/*"]',
@@ -586,7 +598,22 @@ export class ContainerdHarness {
         if (f.startsWith(`${this.cniNetworkName}-`)) await rm(path.join('/var/lib/cni/results', f), { force: true });
       }
     }
+    await this.#keepLog();
     await rm(this.dir, { recursive: true, force: true });
+  }
+
+  /**
+   * containerd's log (with the shims' JSON lines) goes to <repo>/tmp/it-logs/ for post-mortems;
+   * the newest 20 are kept.
+   */
+  async #keepLog(): Promise<void> {
+    const dir = path.join(repo, 'tmp', 'it-logs');
+    await mkdir(dir, { recursive: true });
+    await writeFile(path.join(dir, `${path.basename(this.dir)}.log`), this.#log);
+    const logs = await Promise.all(
+      (await readdir(dir)).map(async (f) => ({ f, mtime: (await stat(path.join(dir, f)).catch(() => undefined))?.mtimeMs ?? 0 })),
+    );
+    for (const { f } of logs.sort((a, b) => b.mtime - a.mtime).slice(20)) await rm(path.join(dir, f), { force: true });
   }
 }
 

@@ -16,7 +16,7 @@ const repo = fileURLToPath(new URL('../../', import.meta.url));
 export const DEMO_APP_SOURCE = path.join(repo, 'demo/app/thaw-demo-app.c');
 const BUSYBOX_CANDIDATES = ['/bin/busybox', '/usr/bin/busybox'];
 /** Applets the tests call by name (busybox-static dispatches on argv[0]). */
-const APPLETS = ['sh', 'echo', 'cat', 'ls', 'sleep', 'true', 'false', 'ps', 'kill', 'printf', 'env', 'id'];
+const APPLETS = ['sh', 'echo', 'cat', 'ls', 'sleep', 'true', 'false', 'ps', 'kill', 'printf', 'env', 'id', 'ip', 'hostname', 'httpd', 'wget', 'nc'];
 
 export interface RootfsOptions {
   /** Directory to create (must not exist yet, or be empty). */
