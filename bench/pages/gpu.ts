@@ -29,7 +29,8 @@ import { startLazyRestore, type LazyPagesResult } from '../../src/restore/pages.
 type Kind = 'naive' | 'cuda-only' | 'thaw' | 'criu-lazy';
 interface CaseSpec {
   name: string;
-  mode: 'pattern' | 'qwen';
+  /** cpu: workload.py without a GPU (no CUDA calls) — tries this flow on any machine. */
+  mode: 'pattern' | 'qwen' | 'cpu';
   gib: number;
   weights?: string;
   kvGib?: number;
@@ -107,7 +108,7 @@ class Ctl {
   #seq = 0;
   constructor(readonly dir: string) {}
   async send(cmd: string, timeoutMs: number): Promise<{ resp: Row; t: number }> {
-    const seq = String(++this.#seq).padStart(6, '0');
+    const seq = String(++this.#seq).padStart(6, '0'); // one Ctl per workload: sequence numbers never repeat
     await writeFile(join(this.dir, `cmd-${seq}.tmp`), cmd);
     await rename(join(this.dir, `cmd-${seq}.tmp`), join(this.dir, `cmd-${seq}`));
     const resp = join(this.dir, `resp-${seq}.json`);
@@ -140,14 +141,17 @@ async function runCase(spec: CaseSpec): Promise<void> {
     env: { ...process.env, LOG: logPath, PYTHONUNBUFFERED: '1' },
   });
   const pid = Number(await new Promise<string>((res) => starter.stdout.on('data', (d: Buffer) => res(d.toString().trim()))));
+  let ctl: Ctl;
   try {
     for (let i = 0; i < 6000 && !readFileSync(join(ctlDir, 'events.jsonl'), { encoding: 'utf8', flag: 'a+' }).includes('"ready"'); i++) await sleep(50);
-    const ctl = new Ctl(ctlDir);
+    ctl = new Ctl(ctlDir);
     const v0 = await ctl.send('verify', 600_000);
     if (v0.resp.ok !== true) throw new Error(`verify before checkpoint: ${JSON.stringify(v0.resp)}`);
     const t0 = now();
-    await cuda.lock(pid, 10_000);
-    await cuda.checkpoint(pid);
+    if (spec.mode !== 'cpu') {
+      await cuda.lock(pid, 10_000);
+      await cuda.checkpoint(pid);
+    }
     const t1 = now();
     await criu(['dump', '-t', String(pid), '-D', img, '--shell-job', '-o', 'dump.log']);
     const t2 = now();
@@ -171,7 +175,7 @@ async function runCase(spec: CaseSpec): Promise<void> {
             await log(`${spec.name}: out of time, skipping ${v.kind}/${cache}/${rep}`);
             continue;
           }
-          await restoreOnce(spec, { ...v, cache, rep }, { pid, img, base, ctl: new Ctl(ctlDir), logPath, logSize, imageBytes });
+          await restoreOnce(spec, { ...v, cache, rep }, { pid, img, base, ctl, logPath, logSize, imageBytes });
         }
       }
     }
@@ -227,9 +231,9 @@ async function restoreOnce(
       await criu(v.kind === 'criu-lazy' ? [...restoreArgs, '--lazy-pages'] : restoreArgs);
     }
     const t1 = now();
-    await cuda.restore(c.pid);
+    if (spec.mode !== 'cpu') await cuda.restore(c.pid);
     const t2 = now();
-    await cuda.unlock(c.pid);
+    if (spec.mode !== 'cpu') await cuda.unlock(c.pid);
     const t3 = now();
     const ping = await c.ctl.send('ping', 600_000);
     row.restoreCmdS = r3(t1 - t0);
