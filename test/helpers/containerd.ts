@@ -593,9 +593,10 @@ export class ContainerdHarness {
     if (this.#opts.cri) {
       spawnSync('ip', ['link', 'del', this.bridgeName], { stdio: 'ignore' });
       await rm(path.join('/var/lib/cni/networks', this.cniNetworkName), { recursive: true, force: true });
-      // libcni caches results as <network>-<container>-<ifname>.
+      // libcni caches results as <network>-<container>-<ifname> (CRI adds a cni-loopback network).
       for (const f of safeReaddir('/var/lib/cni/results')) {
-        if (f.startsWith(`${this.cniNetworkName}-`)) await rm(path.join('/var/lib/cni/results', f), { force: true });
+        const ours = f.startsWith(`${this.cniNetworkName}-`) || (f.startsWith('cni-loopback-') && [...this.#tracked.ids].some((id) => f.includes(id)));
+        if (ours) await rm(path.join('/var/lib/cni/results', f), { force: true });
       }
     }
     await this.#keepLog();
