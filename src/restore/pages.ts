@@ -1,6 +1,6 @@
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
-import { rm } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
 import { ShimError, type ErrorCode } from '../errors.js';
 import { silentLogger, type Logger } from '../log/logger.js';
 import { XXH64, xxh64Hex } from '../snapshot/hash.js';
@@ -242,6 +242,7 @@ export class LazyPageServer implements AsyncDisposable {
     const socketPath = join(opts.workDir, LAZY_PAGES_SOCKET);
     let listenFd: number;
     try {
+      await mkdir(opts.workDir, { recursive: true, mode: 0o700 }); // runc creates --work-path only later
       listenFd = b.listen(socketPath);
     } catch (err) {
       throw new PageServerError('Unavailable', `cannot listen on ${socketPath}: ${(err as Error).message}`, { phase: 'prepare', pids: [], killed: false }, { cause: err });
