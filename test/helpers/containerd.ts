@@ -13,7 +13,15 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-export const repo = fileURLToPath(new URL('../../', import.meta.url));
+/** The checkout's root: the nearest directory above this file with a package.json (also from dist/). */
+export const repo = findRepo(path.dirname(fileURLToPath(import.meta.url)));
+
+function findRepo(dir: string): string {
+  for (let d = dir; ; d = path.dirname(d)) {
+    if (existsSync(path.join(d, 'package.json'))) return d;
+    if (path.dirname(d) === d) throw new Error(`no package.json above ${dir}`);
+  }
+}
 export const SHIM_BINARY = 'containerd-shim-thaw-v2';
 export const THAW_RUNTIME = 'io.containerd.thaw.v2';
 const SOCKET_DIR = '/run/containerd/s';

@@ -9,10 +9,9 @@ import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { chmod, copyFile, mkdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { gzipSync } from 'node:zlib';
+import { repo } from './containerd.js';
 
-const repo = fileURLToPath(new URL('../../', import.meta.url));
 export const DEMO_APP_SOURCE = path.join(repo, 'demo/app/thaw-demo-app.c');
 const BUSYBOX_CANDIDATES = ['/bin/busybox', '/usr/bin/busybox'];
 /** Applets the tests call by name (busybox-static dispatches on argv[0]). */
