@@ -384,6 +384,10 @@ export class LazyPageServer implements AsyncDisposable {
       // Without a fork nothing but this server can install a page into a missing-mode range: a page
       // already present means it came twice.
       if (!t.forked && t.pagesExisting !== 0) fail('DataLoss', `${t.pagesExisting} pages were installed twice`);
+      if (t.pagesVanished !== 0) {
+        // A page whose VMA went away without an unmap event: nothing can read it, but it is unusual.
+        this.#log.warn({ phase: 'lazy-pages', pid, pages: t.pagesVanished }, 'pages without a registered VMA were skipped');
+      }
     }
     if (this.#opts.verify === 'concurrent') {
       const path = this.plans.get(pid)!.pagesPath;
@@ -462,7 +466,9 @@ export interface LazyRestoreHooks {
   restore(signal: AbortSignal): Promise<void>;
   /**
    * Kills everything the restore created and resolves once it is gone (its pids free again, so a
-   * plain restore can follow). `pids` are the task pids CRIU reported (image/namespace pids).
+   * plain restore can follow). `pids` are the task pids CRIU reported (image/namespace pids); the
+   * whole restored tree must go, including children the app forked during the fill (their
+   * userfaultfds are closed right after this hook) and a task CRIU restored but never reported.
    * Must be safe when nothing was restored.
    */
   kill(pids: readonly number[]): Promise<void>;
