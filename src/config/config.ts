@@ -76,7 +76,9 @@ export const defaultConfig: ThawConfig = Object.freeze({
   store: { path: '/var/lib/thaw/snapshots', maxBytes: null },
   snapshot: { ignoreEnv: ['HOSTNAME'] },
   engine: 'gvisor',
-  runsc: { path: 'runsc', platform: 'systrap', network: 'none', debugLogDir: null, flags: {} },
+  // host-uds=open lets the app connect to the one host socket thaw mounts in (/run/thaw/thaw.sock, the
+  // on-request trigger); only sockets bind-mounted into the container are reachable.
+  runsc: { path: 'runsc', platform: 'systrap', network: 'none', debugLogDir: null, flags: { 'host-uds': 'open' } },
   runc: { path: 'runc', criuPath: '/opt/thaw/criu/bin/criu' },
   checkpoint: { compression: 'auto', direct: true },
   restore: { stage: true, ioBackend: 'auto', verify: true },
@@ -145,7 +147,7 @@ function deepAssign(target: Record<string, unknown>, src: Record<string, unknown
   for (const [k, v] of Object.entries(src)) {
     if (v === undefined) continue;
     const t = target[k];
-    if (isObject(v) && isObject(t) && k !== 'flags') deepAssign(t, v);
+    if (isObject(v) && isObject(t)) deepAssign(t, v);
     else target[k] = v;
   }
 }
@@ -157,7 +159,8 @@ function merge(base: Record<string, unknown>, input: Record<string, unknown>, so
     const d = base[k];
     if (k === 'flags' && prefix === 'runsc') {
       if (!isObject(v)) throw invalid(source, field, 'must be an object of strings');
-      base[k] = { ...v };
+      // Added to the defaults, not replacing them; a user turns a default off by giving another value.
+      base[k] = { ...(d as Record<string, unknown>), ...v };
     } else if (isObject(d)) {
       if (!isObject(v)) throw invalid(source, field, 'must be an object');
       merge(d, v, source, field);
