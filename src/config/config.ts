@@ -28,6 +28,11 @@ export interface ThawConfig {
   };
   /** Default engine; per container the annotation `thaw.dev/engine` overrides it. */
   engine: EngineChoice;
+  /**
+   * Defaults for the `thaw.dev/*` annotations (trigger, hooks, kv-cache) for every container of this
+   * runtime, e.g. `{"thaw.dev/checkpoint": "when-ready"}`; a container's own annotations win.
+   */
+  annotations: Record<string, string>;
   runsc: {
     /** runsc binary (PATH lookup if not absolute). */
     path: string;
@@ -76,6 +81,7 @@ export const defaultConfig: ThawConfig = Object.freeze({
   store: { path: '/var/lib/thaw/snapshots', maxBytes: null },
   snapshot: { ignoreEnv: ['HOSTNAME'] },
   engine: 'gvisor',
+  annotations: {},
   // host-uds=open lets the app connect to the one host socket thaw mounts in (/run/thaw/thaw.sock, the
   // on-request trigger); only sockets bind-mounted into the container are reachable.
   runsc: { path: 'runsc', platform: 'systrap', network: 'none', debugLogDir: null, flags: { 'host-uds': 'open' } },
@@ -108,6 +114,10 @@ export function resolveConfig(input: unknown, source = 'config'): ThawConfig {
   for (const [k, v] of Object.entries(c.runsc.flags)) {
     if (typeof v !== 'string') throw invalid(source, `runsc.flags.${k}`, 'must be a string');
     if (!/^[a-z][a-z0-9-]*$/.test(k)) throw invalid(source, `runsc.flags.${k}`, 'is not a runsc flag name');
+  }
+  for (const [k, v] of Object.entries(c.annotations)) {
+    if (typeof v !== 'string') throw invalid(source, `annotations.${k}`, 'must be a string');
+    if (!k.startsWith('thaw.dev/')) throw invalid(source, `annotations.${k}`, 'only thaw.dev/* annotations have defaults');
   }
   if (!Array.isArray(c.snapshot.ignoreEnv) || !c.snapshot.ignoreEnv.every((e) => typeof e === 'string')) {
     throw invalid(source, 'snapshot.ignoreEnv', 'must be an array of strings');
@@ -157,7 +167,7 @@ function merge(base: Record<string, unknown>, input: Record<string, unknown>, so
     const field = prefix ? `${prefix}.${k}` : k;
     if (!(k in base)) throw invalid(source, field, 'is not a known setting');
     const d = base[k];
-    if (k === 'flags' && prefix === 'runsc') {
+    if ((k === 'flags' && prefix === 'runsc') || (k === 'annotations' && prefix === '')) {
       if (!isObject(v)) throw invalid(source, field, 'must be an object of strings');
       // Added to the defaults, not replacing them; a user turns a default off by giving another value.
       base[k] = { ...(d as Record<string, unknown>), ...v };

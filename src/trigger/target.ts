@@ -21,6 +21,7 @@ export async function prepareTrigger(o: { bundle: string; id: string; namespace:
     stateDir: o.config.stateDir,
     ignoreEnv: o.config.snapshot.ignoreEnv,
     hostUds: o.config.runsc.flags['host-uds'],
+    defaults: o.config.annotations,
     log: o.log,
   });
 }

@@ -19,6 +19,10 @@ t.test('runsc.flags add to the defaults; a default is changed by giving it anoth
   t.same(resolveConfig({ runsc: { flags: { 'host-uds': 'none' } } }).runsc.flags, { 'host-uds': 'none' });
 });
 
+t.test('annotation defaults for the runtime', async (t) => {
+  t.same(resolveConfig({ annotations: { 'thaw.dev/checkpoint': 'when-ready' } }).annotations, { 'thaw.dev/checkpoint': 'when-ready' });
+});
+
 t.test('nested settings merge field by field', async (t) => {
   const c = resolveConfig({ restore: { verify: false }, runsc: { platform: 'ptrace' } });
   t.equal(c.restore.verify, false);
@@ -41,6 +45,9 @@ t.test('bad input names the field that is wrong', async (t) => {
     [{ store: { maxBytes: -1 } }, /store\.maxBytes/],
     [{ gpu: { lockTimeoutMs: 1.5 } }, /gpu\.lockTimeoutMs/],
     [{ snapshot: { ignoreEnv: [1] } }, /snapshot\.ignoreEnv/],
+    [{ annotations: { 'thaw.dev/checkpoint': 5 } }, /annotations\.thaw\.dev\/checkpoint.*string/],
+    [{ annotations: { 'io.kubernetes.cri.container-type': 'x' } }, /annotations\.io\.kubernetes.*thaw\.dev/],
+    [{ annotations: [] }, /annotations.*object/],
   ];
   for (const [input, message] of cases) {
     t.throws(() => resolveConfig(input, 'test.json'), message, JSON.stringify(input));

@@ -1,11 +1,13 @@
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { pino } from 'pino';
 import t from 'tap';
 import { resolveConfig } from '../../src/config/config.js';
 import type { ContainerRecord } from '../../src/engine/records.js';
 import { SnapshotStore } from '../../src/snapshot/store.js';
 import { tryLock } from '../../src/snapshot/lock.js';
-import { triggerTarget, type TriggerInit } from '../../src/trigger/target.js';
+import { prepareTrigger, triggerTarget, type TriggerInit } from '../../src/trigger/target.js';
 import type { TriggerController } from '../../src/trigger/controller.js';
 
 const KEY = 'b'.repeat(64);
@@ -50,4 +52,25 @@ t.test('launched(): restored only for a restore without fallback; snapshotState 
   await mkdir(join(store.snapshotDir(KEY), 'image'), { recursive: true });
   await writeFile(join(store.snapshotDir(KEY), 'manifest.json'), '{broken');
   t.equal(await target.snapshotState(KEY), 'committed', 'a damaged snapshot still blocks the key');
+});
+
+t.test('prepareTrigger: the runtime config supplies thaw.dev/* defaults, the container annotation wins', async (t) => {
+  const dir = t.testdir({ rootfs: {} });
+  const writeSpec = (annotations: Record<string, string>) =>
+    writeFile(join(dir, 'config.json'), JSON.stringify({ ociVersion: '1.0.2', process: { args: ['/app'], cwd: '/' }, root: { path: 'rootfs' }, annotations }));
+  const log = pino({ level: 'silent' });
+  const state = await mkdtemp(join(tmpdir(), 'thaw-t-')); // socket paths must stay under 108 bytes
+  t.teardown(() => rm(state, { recursive: true, force: true }));
+  const plain = resolveConfig({ stateDir: state });
+  await writeSpec({});
+  t.equal(await prepareTrigger({ bundle: dir, id: 'a', namespace: 'n', config: plain, log }), undefined, 'no annotation, no default: no trigger');
+
+  const config = resolveConfig({ stateDir: state, annotations: { 'thaw.dev/checkpoint': 'after:1h' } });
+  const c = await prepareTrigger({ bundle: dir, id: 'b', namespace: 'n', config, log });
+  t.teardown(() => c?.dispose());
+  t.match(c?.policy, { trigger: { kind: 'after', delayMs: 3_600_000 } }, 'the default trigger applies');
+  await writeSpec({ 'thaw.dev/checkpoint': 'manual' });
+  const d = await prepareTrigger({ bundle: dir, id: 'c', namespace: 'n', config, log });
+  t.teardown(() => d?.dispose());
+  t.match(d?.policy, { trigger: { kind: 'manual' } }, "the container's annotation wins");
 });
