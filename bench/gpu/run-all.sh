@@ -136,10 +136,16 @@ smoke_host() {
 
 case "$MODE" in
   thaw)  # the workload started, checkpointed and restored through the thaw CLI (native engine)
-    for gib in ${GIBS:-1 8}; do
-      step "thaw e2e: pattern $gib GiB"
-      timeout 280 bash bench/gpu/thaw-e2e.sh "$NODE" "$W/app/dist/src/cli/thaw.js" "$RUNC" "$CRIU" "$TC" "$PY" "$BINDS" pattern "$gib" "$OUT/e2e-$gib" \
-        || echo "thaw e2e $gib GiB FAILED rc=$?"
+    # Native addons built on the dev machine (.gpu/native: thaw_io + thaw_uffd + binding.gyp markers, and
+    # the Debian liburing/libaio/libxxhash they link): without them thaw falls back to TypeScript I/O and
+    # the plain CRIU restore.
+    if [ -d .gpu/native ]; then cp -r .gpu/native "$W/app/native"; export LD_LIBRARY_PATH=$W/app/native/lib; fi
+    # THAW_CASES: space-separated GIB[:KVGIB[:KV[:LAZY[:DROP]]]], e.g. "16.4 16.4:0:keep:off 8:8:discard"
+    for c in ${THAW_CASES:-${GIBS:-1 8}}; do
+      IFS=: read -r gib kvgib kv lazy drop <<< "$c"
+      step "thaw e2e: pattern $gib GiB, kv ${kvgib:-0} GiB ${kv:-keep}, lazy pages ${lazy:-default}, drop ${drop:-0}"
+      KVGIB=${kvgib:-0} KV=${kv:-keep} LAZY=${lazy:-} DROP=${drop:-0} timeout 280 bash bench/gpu/thaw-e2e.sh "$NODE" "$W/app/dist/src/cli/thaw.js" \
+        "$RUNC" "$CRIU" "$TC" "$PY" "$BINDS" pattern "$gib" "$OUT/e2e-${c//:/-}" || echo "thaw e2e $c FAILED rc=$?"
     done
     ;;
   smoke)

@@ -4,7 +4,13 @@
 # repository root after bench/gpu/run-all.sh's prefix set-up, or locally with MODE=cpu.
 #
 #   bench/gpu/thaw-e2e.sh NODE THAW_JS RUNC CRIU THAW_CUDA PYTHON BINDS MODE GIB OUT
+#
+# Optional env: KVGIB=N adds an N GiB KV-cache-like buffer; KV=discard frees it before the checkpoint
+# (kv-release, as vLLM's /sleep) and re-creates it after the restore (kv-reacquire, as /wake_up), inside
+# the timed restore-to-first-request; LAZY=auto|on|off sets the native engine's restore.lazyPages;
+# DROP=1 drops the page cache before the restore.
 set -u
+KV=${KV:-keep} KVGIB=${KVGIB:-0} LAZY=${LAZY:-}
 NODE=$1 THAW_JS=$2 RUNC=$3 CRIU=$4 TC=$5 PY=$6 BINDS=$7 MODE=$8 GIB=$9 OUT=${10}
 W=/tmp/thaw-e2e; rm -rf "$W"; mkdir -p "$W/ctl" "$W/bundle/rootfs" "$W/bundle/upper" "$W/bundle/work" "$OUT"
 ts() { date +%s.%N; }
@@ -21,13 +27,13 @@ trap 'umount -l "$W/bundle/rootfs" 2>/dev/null' EXIT
 cp bench/gpu/workload.py "$W/workload.py"
 cat > "$W/thaw.json" <<JSON
 {"stateDir": "$W/state", "store": {"path": "$W/store"}, "engine": "native",
- "runc": {"path": "$RUNC", "criuPath": "$CRIU"}, "gpu": {"cudaCheckpointPath": "$TC"}, "restore": {"verify": true}}
+ "runc": {"path": "$RUNC", "criuPath": "$CRIU"}, "gpu": {"cudaCheckpointPath": "$TC"}, "restore": {"verify": true${LAZY:+, \"lazyPages\": \"$LAZY\"}}}
 JSON
 # The bundle: an overlay of the host's / (python + torch), the driver and /dev/nvidia* devices. The
 # image digest annotation gives the snapshot key an image identity, so no rootfs walk of / is needed.
-"$PY" - "$W" "$PY" "$MODE" "$GIB" "$BINDS" <<'PYEOF'
+"$PY" - "$W" "$PY" "$MODE" "$GIB" "$BINDS" "$KVGIB" <<'PYEOF'
 import json, os, stat, sys
-w, py, mode, gib, binds = sys.argv[1:6]
+w, py, mode, gib, binds, kvgib = sys.argv[1:7]
 nodes = []
 for n in sorted(os.listdir("/dev")):
     p = "/dev/" + n
@@ -51,7 +57,7 @@ for b in filter(None, binds.split(",")):
 spec = {
     "ociVersion": "1.0.2",
     "process": {"terminal": False, "user": {"uid": 0, "gid": 0},
-                "args": [py, w + "/workload.py", "--ctl", w + "/ctl", "--mode", mode, "--gib", gib],
+                "args": [py, w + "/workload.py", "--ctl", w + "/ctl", "--mode", mode, "--gib", gib, "--kv-gib", kvgib],
                 "env": env, "cwd": "/tmp", "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
                 "noNewPrivileges": True},
     "root": {"path": "rootfs", "readonly": False},
@@ -72,6 +78,7 @@ echo "=== cold start through thaw ($MODE, $GIB GiB)"
 t0=$(ts); $T run --bundle "$W/bundle" --id gpu1 --detach --output "$W/c1.log" | tee "$OUT/thaw-run-cold.json"
 wait_ready || { cat "$W/c1.log"; exit 1; }; t1=$(ts); echo "cold start to ready: $(dt $t0 $t1) s"
 send ping; send verify > "$OUT/verify-before.json"; cat "$OUT/verify-before.json"
+if [ "$KV" = discard ]; then echo "=== kv-release before the checkpoint"; send kv-release > "$OUT/kv-release.json"; cat "$OUT/kv-release.json"; fi
 echo "=== thaw checkpoint"
 t2=$(ts); $T checkpoint gpu1 | tee "$OUT/thaw-checkpoint.json"; t3=$(ts); echo "checkpoint: $(dt $t2 $t3) s"
 $T delete --force gpu1; sleep 1
@@ -79,9 +86,12 @@ $T delete --force gpu1; sleep 1
 echo "=== thaw run again: restore"
 : > "$W/ctl/events.jsonl"
 t4=$(ts); $T run --bundle "$W/bundle" --id gpu2 --detach --output "$W/c2.log" | tee "$OUT/thaw-run-restore.json"; t5=$(ts)
+[ "$KV" = discard ] && send kv-reacquire > "$OUT/kv-reacquire.json"
 send ping > "$OUT/ping-after.json"; t6=$(ts); cat "$OUT/ping-after.json"
 send verify > "$OUT/verify-after.json"; cat "$OUT/verify-after.json"
-echo "RESULT mode=$MODE gib=$GIB cold_to_ready=$(dt $t0 $t1) checkpoint=$(dt $t2 $t3) thaw_run_restore=$(dt $t4 $t5) restore_to_first_request=$(dt $t4 $t6)"
+bytes=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("bytes"))' "$OUT/thaw-checkpoint.json" 2>/dev/null)
+ok=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("ok"))' "$OUT/verify-after.json" 2>/dev/null)
+echo "RESULT mode=$MODE gib=$GIB kvgib=$KVGIB kv=$KV lazy=${LAZY:-default} drop=${DROP:-0} image_bytes=$bytes bit_exact=$ok cold_to_ready=$(dt $t0 $t1) checkpoint=$(dt $t2 $t3) thaw_run_restore=$(dt $t4 $t5) restore_to_first_request=$(dt $t4 $t6)"
 $T ps | tee "$OUT/thaw-ps.json"
 send exit; sleep 0.3; $T delete --force gpu2
 cat "$W/c2.log" | tail -5

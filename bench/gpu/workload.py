@@ -53,9 +53,13 @@ def main():
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--weights", default="")
-    ap.add_argument("--kv-gib", type=float, default=2.0)
+    # A KV-cache-like buffer (default 2 GiB for qwen, none for pattern) that `kv-release` frees and
+    # `kv-reacquire` re-creates, as vLLM's /sleep?level=1 and /wake_up do (issue 6's kv-cache policy).
+    ap.add_argument("--kv-gib", type=float, default=None)
     ap.add_argument("--ctl", required=True)
     args = ap.parse_args()
+    if args.kv_gib is None:
+        args.kv_gib = 2.0 if args.mode == "qwen" else 0.0
     os.makedirs(args.ctl, exist_ok=True)
     if args.mode == "cpu":  # no GPU: exercises the container/CRIU plumbing on any machine
         w = CpuWorkload(args)
@@ -113,7 +117,40 @@ class Workload:
             self._load_pattern(int(self.args.gib * (1 << 30)))
         else:
             self._load_weights(self.args.weights)
+        if self.args.kv_gib > 0:
             self._load_pattern(int(self.args.kv_gib * (1 << 30)), name="kv", seed_offset=10_000)
+
+    # ---- KV cache release / re-acquire ----
+    def kv_release(self):
+        """Frees the KV buffers and returns their memory to the driver, so a checkpoint leaves them out."""
+        torch = self.torch
+        t0 = now()
+        self.buffer_order = {b[0]: i for i, b in enumerate(self.buffers)}
+        kept, released = [], 0
+        for name, t, seed in self.buffers:
+            if name.startswith("kv"):
+                released += t.numel() * t.element_size()
+                kept.append((name, None, seed, t.numel()))
+            else:
+                kept.append((name, t, seed, None))
+        self.buffers = [(n, t, s) for n, t, s, _ in kept if t is not None]
+        self.released = [(n, s, numel) for n, t, s, numel in kept if t is None]
+        kept = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return {"ok": True, "releasedBytes": released, "memReserved": torch.cuda.memory_reserved(), "s": round(now() - t0, 3)}
+
+    def kv_reacquire(self):
+        """Re-creates the KV buffers (contents regenerated from their seeds so `verify` stays bit-exact)."""
+        t0 = now()
+        released = getattr(self, "released", [])
+        for name, seed, numel in released:
+            self.buffers.append((name, self._chunk_from_seed(seed, numel), seed))
+        order = getattr(self, "buffer_order", {})
+        self.buffers.sort(key=lambda b: order.get(b[0], len(order)))
+        self.released = []
+        self.torch.cuda.synchronize()
+        return {"ok": True, "buffers": len(released), "memReserved": self.torch.cuda.memory_reserved(), "s": round(now() - t0, 3)}
 
     def _chunk_from_seed(self, seed, n):
         torch = self.torch
@@ -268,6 +305,12 @@ class CpuWorkload:
     def ping(self):
         return {"ok": True}
 
+    def kv_release(self):
+        return {"ok": True, "releasedBytes": 0}
+
+    def kv_reacquire(self):
+        return {"ok": True, "buffers": 0}
+
     def verify(self):
         t0 = now()
         ok = hashlib.sha256(self.data).hexdigest() == self.reference
@@ -296,6 +339,10 @@ def serve(ctl, w):
                     res = w.ping()
                 elif cmd == "verify":
                     res = w.verify()
+                elif cmd == "kv-release":
+                    res = w.kv_release()
+                elif cmd == "kv-reacquire":
+                    res = w.kv_reacquire()
                 elif cmd == "exit":
                     res = {"ok": True}
                 else:
