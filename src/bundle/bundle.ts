@@ -25,6 +25,14 @@ export interface OciSpec {
   [k: string]: unknown;
 }
 
+/** True when the spec asks for NVIDIA devices (device nodes, or the NVIDIA container toolkit's env var). */
+export function specWantsGpu(spec: OciSpec): boolean {
+  const devices = Array.isArray(spec.linux?.['devices']) ? (spec.linux['devices'] as { path?: unknown }[]) : [];
+  if (devices.some((d) => typeof d.path === 'string' && d.path.startsWith('/dev/nvidia'))) return true;
+  const env = spec.process.env ?? [];
+  return env.some((e) => e.startsWith('NVIDIA_VISIBLE_DEVICES=') && !/=(void|none|)$/.test(e));
+}
+
 /** Reads and minimally validates `<bundle>/config.json`; errors name the bundle and what is wrong. */
 export async function readBundleSpec(bundle: string): Promise<OciSpec> {
   const path = join(bundle, 'config.json');

@@ -5,7 +5,9 @@ import { silentLogger, type Logger } from '../log/logger.js';
 import { Runsc, type RunscOptions } from '../runsc/runsc.js';
 import { bestCheckpointFlags, bestRestoreFlags, type ImageFormat } from '../runsc/probe.js';
 import type { ThawConfig } from '../config/config.js';
+import type { GpuDriver } from '../gpu/driver.js';
 import { runtimeIdFor } from './container-id.js';
+import { addThawCudaMount, planForBundle, readGpuRecord, sandboxGpuDriver, SANDBOX_THAW_CUDA, writeGpuRecord } from './gvisor-gpu.js';
 import type {
   CheckpointOptions,
   CreateOptions,
@@ -29,6 +31,8 @@ export interface GvisorEngineOptions {
   namespace?: string;
   /** For tests: a ready Runsc. */
   runsc?: Runsc;
+  /** For tests: where the host's NVIDIA module lists GPUs (/proc/driver/nvidia). */
+  nvidiaProcDir?: string;
 }
 
 /**
@@ -48,7 +52,10 @@ export class GvisorEngine implements Engine {
   /** Restore must use the checkpoint's staged state: page-cache staging and O_DIRECT reads exclude each other. */
   stagedRestore: boolean;
 
-  constructor({ config, log = silentLogger, namespace = '', runsc }: GvisorEngineOptions) {
+  readonly #nvidiaProcDir: string | undefined;
+
+  constructor({ config, log = silentLogger, namespace = '', runsc, nvidiaProcDir }: GvisorEngineOptions) {
+    this.#nvidiaProcDir = nvidiaProcDir;
     this.#config = config;
     this.#log = log;
     this.#namespace = namespace;
@@ -90,6 +97,8 @@ export class GvisorEngine implements Engine {
   async create(opts: CreateOptions): Promise<EngineState> {
     await this.#ensureDirs();
     const rid = this.#rid(opts.id);
+    const gpu = await planForBundle(opts.bundle, await this.runsc.capabilities(), this.#config);
+    if (gpu.kind !== 'none') await addThawCudaMount(opts.bundle, gpu.hostTool);
     await this.runsc.create(rid, { bundle: opts.bundle, stdio: opts.stdio, consoleSocket: opts.consoleSocket, signal: opts.signal });
     return this.state(opts.id);
   }
@@ -132,6 +141,13 @@ export class GvisorEngine implements Engine {
       background: flags.background,
       signal: opts.signal,
     });
+    // CUDA processes thaw checkpointed through `runsc exec` (a runsc with --cuda-checkpoint-path
+    // toggles them back itself): restore + unlock before the app is reported running.
+    const gpuRecord = await readGpuRecord(opts.imageDir);
+    if (gpuRecord !== null && gpuRecord.pids.length > 0) {
+      const rid = this.#rid(opts.id);
+      await this.#gpuDriver(rid).afterRestore(gpuRecord, await this.runsc.ps(rid));
+    }
     this.#watch(opts.id);
     return this.state(opts.id);
   }
@@ -139,15 +155,36 @@ export class GvisorEngine implements Engine {
   async checkpoint(id: string, opts: CheckpointOptions): Promise<void> {
     const caps = await this.runsc.capabilities();
     const flags = bestCheckpointFlags(caps, { compression: this.#config.checkpoint.compression, direct: this.#config.checkpoint.direct });
-    await this.runsc.checkpoint(this.#rid(id), {
-      imagePath: opts.imageDir,
-      leaveRunning: opts.leaveRunning,
-      ...flags,
-      signal: opts.signal,
-    });
+    const rid = this.#rid(id);
+    const bundle = (await this.runsc.state(rid)).bundle;
+    const gpu = bundle ? await planForBundle(bundle, caps, this.#config) : ({ kind: 'none', reason: 'no bundle' } as const);
+    const gpuDriver = gpu.kind === 'exec' ? this.#gpuDriver(rid) : null;
+    const gpuRecord = gpuDriver ? await gpuDriver.beforeCheckpoint(await this.runsc.ps(rid)) : null;
+    try {
+      await this.runsc.checkpoint(rid, {
+        imagePath: opts.imageDir,
+        leaveRunning: opts.leaveRunning,
+        ...flags,
+        ...(gpu.kind === 'runsc' ? { cudaCheckpointPath: SANDBOX_THAW_CUDA } : {}),
+        signal: opts.signal,
+      });
+    } catch (err) {
+      // The sandbox still runs: its CUDA processes go back to running.
+      if (gpuDriver && gpuRecord && gpuRecord.pids.length > 0) await gpuDriver.resumeAfterCheckpoint(gpuRecord).catch((e: unknown) => this.#log.error({ id, err: e }, 'GPU resume after a failed checkpoint failed'));
+      throw err;
+    }
+    if (gpuDriver && gpuRecord && gpuRecord.pids.length > 0) {
+      await writeGpuRecord(opts.imageDir, gpuRecord);
+      if (opts.leaveRunning) await gpuDriver.resumeAfterCheckpoint(gpuRecord);
+    }
     const format: ImageFormat = { compression: flags.compression, direct: flags.direct ?? false };
     await writeFile(join(opts.imageDir, IMAGE_FORMAT_FILE), JSON.stringify(format));
     this.#log.debug({ id, ...format }, 'runsc checkpoint written');
+  }
+
+  /** GPU hooks for one sandbox: thaw-cuda runs inside it through `runsc exec`. */
+  #gpuDriver(rid: string): GpuDriver {
+    return sandboxGpuDriver({ config: this.#config, execPrefix: this.runsc.execPrefix(rid), log: this.#log, nvidiaProcDir: this.#nvidiaProcDir });
   }
 
   async state(id: string): Promise<EngineState> {

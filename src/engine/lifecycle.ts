@@ -2,7 +2,7 @@ import { join } from 'node:path';
 import { Cleanup } from '../cleanup.js';
 import { ShimError, asShimError } from '../errors.js';
 import { PhaseTimer, type Logger } from '../log/logger.js';
-import { readBundleSpec, type OciSpec } from '../bundle/bundle.js';
+import { readBundleSpec, specWantsGpu, type OciSpec } from '../bundle/bundle.js';
 import { decide, type Decision, type SnapshotLookup } from '../policy/decide.js';
 import type { ThawConfig } from '../config/config.js';
 import type { SnapshotStore } from '../snapshot/store.js';
@@ -73,7 +73,7 @@ export class Lifecycle {
   engineFor(spec: OciSpec, namespace: string): Engine {
     const requested = (spec.annotations?.[ENGINE_ANNOTATION] ?? this.deps.config.engine) as string;
     let name: EngineName;
-    if (requested === 'auto') name = wantsGpu(spec) && this.deps.engine('native', namespace) ? 'native' : 'gvisor';
+    if (requested === 'auto') name = specWantsGpu(spec) && this.deps.engine('native', namespace) ? 'native' : 'gvisor';
     else if (requested === 'gvisor' || requested === 'native') name = requested;
     else throw new ShimError('InvalidArgument', `annotation ${ENGINE_ANNOTATION}=${requested}: use gvisor, native or auto`);
     const engine = this.deps.engine(name, namespace);
@@ -240,12 +240,4 @@ export class Lifecycle {
     this.deps.log.info({ id, snapshot: key, bytes: committed.totalBytes, durationMs: timer.elapsed() }, 'checkpoint committed');
     return { snapshot: key, bytes: committed.totalBytes, timings: timer.timings };
   }
-}
-
-/** True when the spec asks for NVIDIA devices (so `auto` picks the native engine on GPU hosts). */
-export function wantsGpu(spec: OciSpec): boolean {
-  const devices = (spec.linux?.devices ?? []) as { path?: string }[];
-  if (devices.some((d) => d.path?.startsWith('/dev/nvidia'))) return true;
-  const env = spec.process.env ?? [];
-  return env.some((e) => e.startsWith('NVIDIA_VISIBLE_DEVICES=') && !/=(void|none|)$/.test(e));
 }

@@ -45,6 +45,11 @@ export interface CudaCheckpointOptions {
   readonly path?: string | null;
   readonly logger?: Logger;
   readonly timeoutsMs?: Readonly<Partial<Record<CudaAction, number>>>;
+  /**
+   * A command the tool runs under, e.g. `runsc <global flags> exec <id>`: the tool (at `path`, a
+   * path inside that sandbox) then acts on the sandbox's own pids. Empty = run it directly.
+   */
+  readonly launcher?: readonly string[];
 }
 
 export interface CudaCallOptions {
@@ -123,9 +128,11 @@ export class CudaCheckpoint {
   readonly path: string;
   readonly #log: Logger;
   readonly #timeouts: Readonly<Record<CudaAction, number>>;
+  readonly #launcher: readonly string[];
 
   constructor(options: CudaCheckpointOptions = {}) {
     this.path = options.path ?? defaultThawCudaPath();
+    this.#launcher = options.launcher ?? [];
     this.#log = options.logger ?? silentLogger;
     this.#timeouts = { ...DEFAULT_CUDA_TIMEOUTS_MS, ...options.timeoutsMs };
   }
@@ -207,13 +214,13 @@ export class CudaCheckpoint {
   /** The one place that execs the tool; failures come back as an error value, not thrown. */
   async #exec(action: CudaAction, pid: number, argv: readonly string[], call: CudaCallOptions): Promise<ExecResult> {
     const timeout = call.timeoutMs ?? this.#timeouts[action];
-    const fullArgv = [this.path, ...argv];
+    const fullArgv = [...this.#launcher, this.path, ...argv];
     if (call.signal?.aborted) {
       const error = new CudaCheckpointError('Canceled', `cuda-checkpoint ${action} of pid ${pid} canceled`, { pid, action, output: '' }, { cause: call.signal.reason });
       return { stdout: '', output: '', durationMs: 0, exitCode: undefined, error };
     }
     const t0 = performance.now();
-    const result = await execa(this.path, argv, {
+    const result = await execa(fullArgv[0]!, fullArgv.slice(1), {
       reject: false,
       timeout: timeout > 0 ? timeout : undefined,
       cancelSignal: call.signal,

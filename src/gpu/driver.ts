@@ -40,6 +40,12 @@ export interface GpuDriverOptions {
   readonly procRoot?: string;
   /** /proc/driver/nvidia. */
   readonly nvidiaProcDir?: string;
+  /**
+   * How CUDA processes are found among the pids: by their /dev/nvidia* fds in the host's /proc
+   * (default), or by asking the tool for every pid (`ask-tool`: gVisor's sandbox pids have no host
+   * /proc entries; a non-CUDA process answers with an error and is left alone).
+   */
+  readonly discovery?: 'proc-fds' | 'ask-tool';
 }
 
 export type GpuAvailability =
@@ -81,6 +87,7 @@ export class GpuDriver implements GpuHooks {
   readonly #concurrency: number;
   readonly #procRoot: string;
   readonly #nvidiaProcDir: string;
+  readonly #discovery: 'proc-fds' | 'ask-tool';
   #availability: Promise<GpuAvailability> | undefined;
 
   constructor(options: GpuDriverOptions) {
@@ -92,6 +99,7 @@ export class GpuDriver implements GpuHooks {
     this.#concurrency = Math.max(1, options.concurrency ?? DEFAULT_CONCURRENCY);
     this.#procRoot = options.procRoot ?? '/proc';
     this.#nvidiaProcDir = options.nvidiaProcDir ?? NVIDIA_PROC_DIR;
+    this.#discovery = options.discovery ?? 'proc-fds';
   }
 
   /**
@@ -130,6 +138,10 @@ export class GpuDriver implements GpuHooks {
 
   /** Pids (of `pids`) with a /dev/nvidia* fd open, or whose fds cannot be read (root-owned, gone). */
   async findGpuUsers(pids: readonly number[]): Promise<number[]> {
+    if (this.#discovery === 'ask-tool') {
+      const states = await mapLimit(pids, this.#concurrency, (pid) => this.#stateOf(pid));
+      return pids.filter((_, i) => states[i] !== 'not-cuda');
+    }
     const users = await mapLimit(pids, this.#concurrency, async (pid) => ((await this.#holdsNvidiaFd(pid)) ? pid : null));
     return users.filter((p): p is number => p !== null);
   }

@@ -196,6 +196,15 @@ export class Runsc {
   }
 
   /**
+   * `runsc <global flags> exec <id>` for a tool that must run inside the sandbox in the foreground
+   * and report its own exit status and output (thaw-cuda on the sandbox's pids); the caller appends
+   * the tool's argv and runs it. Flags are built here, like every other runsc command's.
+   */
+  execPrefix(id: string): string[] {
+    return [this.#g.path, ...globalArgs(this.#g, null), 'exec', safeId(id)];
+  }
+
+  /**
    * Creates the sandbox and container; the app waits for `start` (or `restore`). An id that already
    * has a state file under the root is refused here (AlreadyExists) without calling runsc: a failing
    * duplicate `runsc create` deletes the existing container's state files and orphans its sandbox

@@ -154,15 +154,23 @@ const ROOTFS_SKIP = ['proc', 'sys', 'dev'];
 /** gVisor's `--overlay2=root:self` keeps its filestore in the rootfs directory. */
 const ROOTFS_SKIP_PREFIX = '.gvisor.filestore.';
 
+/**
+ * Where the gVisor engine mounts thaw-cuda into GPU containers. thaw adds it on hosts where it can
+ * snapshot GPU state; it is not part of the app, so the key leaves it out (a bundle that already has
+ * it from an earlier `thaw run` keeps its key).
+ */
+export const THAW_CUDA_MOUNT_POINT = '/run/thaw-cuda';
+
 export async function collectKeyInputs(opts: CollectKeyInputsOptions): Promise<KeyInputs> {
   const { spec, bundle } = opts;
   const ignored = [...new Set(opts.ignoreEnv ?? [])].sort();
   const env = (spec.process.env ?? []).filter((e) => !ignored.includes(envName(e)));
   const user = spec.process.user;
-  const mounts = (spec.mounts ?? []).flatMap((m): MountIdentity[] => {
+  const allMounts = (spec.mounts ?? []).flatMap((m): MountIdentity[] => {
     const mm = m as { destination?: unknown; type?: unknown };
     return typeof mm.destination === 'string' ? [{ destination: mm.destination, type: typeof mm.type === 'string' ? mm.type : '' }] : [];
   });
+  const mounts = allMounts.filter((m) => m.destination !== THAW_CUDA_MOUNT_POINT);
   const annotations = spec.annotations ?? {};
   const name = opts.image?.name ?? IMAGE_NAME_ANNOTATIONS.map((a) => annotations[a]).find((v) => v !== undefined && v !== '') ?? null;
   const digest = opts.image?.digest ?? digestOf(name);
@@ -171,7 +179,7 @@ export async function collectKeyInputs(opts: CollectKeyInputsOptions): Promise<K
   const rootfsDir = isAbsolute(spec.root.path) ? spec.root.path : join(bundle, spec.root.path);
   const rootfs =
     digest === null
-      ? await fingerprintRootfs(rootfsDir, { exclude: mounts.map((m) => m.destination), signal: opts.signal })
+      ? await fingerprintRootfs(rootfsDir, { exclude: allMounts.map((m) => m.destination), signal: opts.signal })
       : null;
   return {
     formatVersion: SNAPSHOT_FORMAT_VERSION,
