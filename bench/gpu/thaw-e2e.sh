@@ -8,8 +8,10 @@
 # Optional env: KVGIB=N adds an N GiB KV-cache-like buffer; KV=discard frees it before the checkpoint
 # (kv-release, as vLLM's /sleep) and re-creates it after the restore (kv-reacquire, as /wake_up), inside
 # the timed restore-to-first-request; LAZY=auto|on|off sets the native engine's restore.lazyPages;
-# DROP=1 drops the page cache before the restore.
+# DROP=1 drops the page cache before the restore; ENGINE=gvisor runs it under runsc with nvproxy
+# (RUNC and CRIU are then unused) — only where runsc's nvproxy supports the host driver.
 set -u
+ENGINE=${ENGINE:-native}
 KV=${KV:-keep} KVGIB=${KVGIB:-0} LAZY=${LAZY:-}
 NODE=$1 THAW_JS=$2 RUNC=$3 CRIU=$4 TC=$5 PY=$6 BINDS=$7 MODE=$8 GIB=$9 OUT=${10}
 W=/tmp/thaw-e2e; rm -rf "$W"; mkdir -p "$W/ctl" "$W/bundle/rootfs" "$W/bundle/upper" "$W/bundle/work" "$OUT"
@@ -26,14 +28,15 @@ mount -t overlay overlay -o "lowerdir=/,upperdir=$W/bundle/upper,workdir=$W/bund
 trap 'umount -l "$W/bundle/rootfs" 2>/dev/null' EXIT
 cp bench/gpu/workload.py "$W/workload.py"
 cat > "$W/thaw.json" <<JSON
-{"stateDir": "$W/state", "store": {"path": "$W/store"}, "engine": "native",
+{"stateDir": "$W/state", "store": {"path": "$W/store"}, "engine": "$ENGINE",
+ "runsc": {"flags": {"nvproxy": "true", "nvproxy-docker": "true"}},
  "runc": {"path": "$RUNC", "criuPath": "$CRIU"}, "gpu": {"cudaCheckpointPath": "$TC"}, "restore": {"verify": true${LAZY:+, \"lazyPages\": \"$LAZY\"}}}
 JSON
 # The bundle: an overlay of the host's / (python + torch), the driver and /dev/nvidia* devices. The
 # image digest annotation gives the snapshot key an image identity, so no rootfs walk of / is needed.
-"$PY" - "$W" "$PY" "$MODE" "$GIB" "$BINDS" "$KVGIB" <<'PYEOF'
+"$PY" - "$W" "$PY" "$MODE" "$GIB" "$BINDS" "$KVGIB" "$ENGINE" <<'PYEOF'
 import json, os, stat, sys
-w, py, mode, gib, binds, kvgib = sys.argv[1:7]
+w, py, mode, gib, binds, kvgib, engine = sys.argv[1:8]
 nodes = []
 for n in sorted(os.listdir("/dev")):
     p = "/dev/" + n
@@ -41,7 +44,7 @@ for n in sorted(os.listdir("/dev")):
         r = os.stat(p).st_rdev
         nodes.append({"path": p, "type": "c", "major": os.major(r), "minor": os.minor(r), "fileMode": 0o666, "uid": 0, "gid": 0})
 env = [f"{k}={v}" for k, v in os.environ.items() if not k.startswith("NODE") and k not in ("LD_PRELOAD", "LD_LIBRARY_PATH")]
-env += ["LD_LIBRARY_PATH=/usr/local/nvidia/lib64", "PYTHONUNBUFFERED=1"]
+env += ["LD_LIBRARY_PATH=/usr/local/nvidia/lib64", "PYTHONUNBUFFERED=1", "NVIDIA_VISIBLE_DEVICES=all"]
 caps = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SYS_NICE"]
 mounts = [
     {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -63,7 +66,7 @@ spec = {
     "root": {"path": "rootfs", "readonly": False},
     "hostname": "thaw-e2e",
     "annotations": {"io.kubernetes.cri.image-name": "localhost/thaw-gpu-e2e@sha256:" + "0" * 63 + "1",
-                    "thaw.dev/engine": "native"},
+                    "thaw.dev/engine": engine},
     "mounts": mounts,
     "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
               "devices": nodes,
