@@ -11,7 +11,7 @@
  * so the line worth quoting is the first Error that is neither one of those summaries nor one of the
  * errors CRIU logs on every run here (no CAP_SYS_RESOURCE: `rlimit: Can't setup RLIMIT_NOFILE`).
  */
-import { readFile } from 'node:fs/promises';
+import { open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { ShimError } from '../errors.js';
@@ -74,10 +74,72 @@ export function criuLogPath(workDir: string, action: CriuAction): string {
   return join(workDir, `${action}.log`);
 }
 
-/** The quotable error of `<workDir>/<action>.log`, or '' when there is none (or no log). */
+/** How much of a CRIU log is read from each end when it is larger than twice this. */
+const LOG_END_BYTES = 2 << 20;
+
+/**
+ * The quotable error of `<workDir>/<action>.log`, or '' when there is none (or no log). A log can
+ * be huge — CRIU 4.1.1's restorer spinning on a truncated pages file logs ~50 MB/s — so only its
+ * first and last 2 MiB are read (the cause is near the start, the cascade at the end).
+ */
 export async function readCriuError(workDir: string, action: CriuAction): Promise<string> {
-  const text = await readFile(criuLogPath(workDir, action), 'utf8').catch(() => '');
-  return criuErrorLine(text);
+  let handle;
+  try {
+    handle = await open(criuLogPath(workDir, action), 'r');
+  } catch {
+    return '';
+  }
+  try {
+    const { size } = await handle.stat();
+    if (size <= 2 * LOG_END_BYTES) return criuErrorLine(await handle.readFile('utf8'));
+    const head = Buffer.alloc(LOG_END_BYTES);
+    const tail = Buffer.alloc(LOG_END_BYTES);
+    await handle.read(head, 0, LOG_END_BYTES, 0);
+    await handle.read(tail, 0, LOG_END_BYTES, size - LOG_END_BYTES);
+    // Drop the lines cut in half at the seams.
+    const headText = head.toString('utf8').replace(/[^\n]*$/, '');
+    const tailText = tail.toString('utf8').replace(/^[^\n]*\n/, '');
+    return criuErrorLine(`${headText}\n${tailText}`);
+  } catch {
+    return '';
+  } finally {
+    await handle.close();
+  }
+}
+
+/**
+ * Unmounts every mount point at or below `dir` (deepest first; lazily, as a dying CRIU may hold one
+ * for a moment) and resolves once none is left. What a CRIU or runc killed mid-restore leaves:
+ * runc's `criu-root` (a recursive bind of the container's rootfs — deleting through it deletes the
+ * rootfs) and CRIU's cgroup yard `.criu.cgyard.XXXXXX` (a tmpfs with every cgroup hierarchy) in
+ * its work dir. Returns the mount points it found.
+ */
+export async function unmountAllUnder(dir: string): Promise<string[]> {
+  const found: string[] = [];
+  for (let round = 0; ; round++) {
+    const mounts = await mountPointsUnder(dir);
+    if (mounts.length === 0) return found;
+    if (round === 5) throw new ShimError('Internal', `cannot unmount ${mounts.join(', ')}`);
+    found.push(...mounts);
+    for (const m of mounts) {
+      // Node has no umount(2).
+      const r = await execa('umount', ['-l', m], { reject: false, timeout: PROBE_TIMEOUT_MS, stdin: 'ignore', encoding: 'utf8' });
+      if (r.exitCode !== 0 && !/not mounted|no mount point/.test(String(r.stderr))) {
+        throw new ShimError('Internal', `cannot unmount ${m}: ${String(r.stderr).trim().split('\n').at(-1) ?? ''}`);
+      }
+    }
+  }
+}
+
+/** Mount points at or below `dir` in this mount namespace, deepest first. */
+async function mountPointsUnder(dir: string): Promise<string[]> {
+  const text = await readFile('/proc/self/mountinfo', 'utf8');
+  // Field 5 is the mount point, with space, tab, newline and backslash escaped as \ooo.
+  const points = text
+    .split('\n')
+    .map((l) => (l.split(' ')[4] ?? '').replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))))
+    .filter((m) => m === dir || m.startsWith(`${dir}/`));
+  return [...new Set(points)].sort((a, b) => b.length - a.length);
 }
 
 /** How long a probe of the CRIU binary may take. */
@@ -149,7 +211,31 @@ export async function criuCheck(path: string, signal?: AbortSignal): Promise<Cri
   return { ok: r.exitCode === 0 && /Looks good\./.test(r.output), output: r.output };
 }
 
-/** For tests: forget probed versions. */
+const features = new Map<string, Promise<CriuCheck>>();
+
+/**
+ * `criu check --feature NAME` (e.g. `uffd-noncoop`, which lazy restores need): ok when CRIU exits 0
+ * (it prints `NAME is supported`). Probed once per binary path and feature; a probe that could not
+ * run at all is not cached.
+ */
+export function criuCheckFeature(path: string, feature: string, signal?: AbortSignal): Promise<CriuCheck> {
+  const key = `${path}\0${feature}`;
+  let p = features.get(key);
+  if (p === undefined) {
+    p = runCriu(path, ['check', '--feature', feature], signal).then((r) => {
+      if (r.exitCode === undefined) {
+        throw new ShimError('Unavailable', `cannot run CRIU at ${path}: ${r.shortMessage}`, { cause: r.output });
+      }
+      return { ok: r.exitCode === 0, output: r.output };
+    });
+    features.set(key, p);
+    p.catch(() => features.delete(key));
+  }
+  return p;
+}
+
+/** For tests: forget probed versions and features. */
 export function clearCriuVersionCache(): void {
   versions.clear();
+  features.clear();
 }

@@ -181,6 +181,12 @@ export interface RestoreOptions extends RuncCallOptions, CriuSwitches {
   readonly pidFile?: string;
   readonly consoleSocket?: string;
   readonly noPivot?: boolean;
+  /**
+   * `--lazy-pages`: CRIU restores everything but the private anonymous memory, which it registers
+   * with a userfaultfd and hands to the lazy-pages server listening on `<workPath>/lazy-pages.socket`
+   * (thaw's own, restore/pages.ts). Nobody listening there fails the restore at once.
+   */
+  readonly lazyPages?: boolean;
 }
 
 /** Always detached: runc returns once the restored container runs. */
@@ -189,6 +195,7 @@ export function restoreArgs(id: string, o: RestoreOptions): string[] {
   if (o.pidFile !== undefined) argv.push('--pid-file', o.pidFile);
   if (o.consoleSocket !== undefined) argv.push('--console-socket', o.consoleSocket);
   if (o.noPivot === true) argv.push('--no-pivot');
+  if (o.lazyPages === true) argv.push('--lazy-pages');
   argv.push(...criuSwitchArgs(o), id);
   return argv;
 }

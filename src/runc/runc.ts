@@ -16,13 +16,13 @@
  *   (a leading `-`, odd characters) are refused with InvalidArgument.
  */
 import { randomUUID } from 'node:crypto';
-import { mkdir, mkdtemp, open, readFile, rm, unlink, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readFile, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { RuncError, ShimError, type ErrorCode } from '../errors.js';
 import { silentLogger, type Logger } from '../log/logger.js';
-import { readCriuError, type CriuAction } from './criu.js';
+import { readCriuError, unmountAllUnder, type CriuAction } from './criu.js';
 import {
   checkpointArgs,
   createArgs,
@@ -290,6 +290,26 @@ export class Runc {
     });
   }
 
+  /**
+   * Removes what a `runc restore` killed mid-way leaves under runc's root: the container's state
+   * dir without a state.json, holding `criu-root` (runc bind-mounts the rootfs there for CRIU and
+   * unmounts it only when it returns). runc does not list such a container and refuses the id
+   * ('container with given ID already exists'); worse, `runc delete` of it removes the dir with
+   * RemoveAll, through the still-mounted rootfs: it deletes the container's rootfs (measured with
+   * runc 1.1.5). So call this before `delete` whenever a restore may have been cut off. Does
+   * nothing when runc has a complete state (state.json) or no dir at all. Only call it when no
+   * `runc restore` for this id is running (its state.json is written last).
+   */
+  async removeInterruptedRestore(id: string): Promise<boolean> {
+    const dir = join(this.#g.root, safeId(id));
+    if (!(await pathExists(dir)) || (await pathExists(join(dir, 'state.json')))) return false;
+    // criu-root is the rootfs itself (a recursive bind): never delete through it.
+    const mounts = await unmountAllUnder(dir);
+    await rm(dir, { recursive: true, force: true });
+    this.#log.debug({ id, dir, mounts }, 'removed the state of an interrupted runc restore');
+    return true;
+  }
+
   /** `runc --version`, parsed (probed once per instance). */
   version(call: RuncCallOptions = {}): Promise<RuncVersion> {
     if (this.#version === undefined) {
@@ -489,6 +509,15 @@ async function readPidFile(file: string, verb: RuncVerb): Promise<number> {
     throw new ShimError('Internal', `runc ${verb}: no pid in ${file}`);
   }
   return pid;
+}
+
+async function pathExists(path: string): Promise<boolean> {
+  try {
+    await stat(path);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 function lastNonEmptyLine(text: string): string {
