@@ -62,6 +62,14 @@ export interface ThawConfig {
     ioBackend: IoBackendChoice;
     /** Verify file checksums against the manifest before a restore may use the bytes. */
     verify: boolean;
+    /**
+     * Native engine only: fill the restored process's anonymous memory with thaw's parallel
+     * lazy-pages server while the app (and the CUDA restore) already runs (docs/pages-restore.md).
+     * `auto` = when the page server addon loads and CRIU supports userfaultfd (`uffd-noncoop`);
+     * `on` = whenever the addon loads; `off` = plain CRIU restore. Any failure falls back to the
+     * plain restore.
+     */
+    lazyPages: 'auto' | 'on' | 'off';
   };
   gpu: {
     /** `auto` = snapshot GPU state when the driver API is present; `off` = never touch the GPU. */
@@ -87,7 +95,7 @@ export const defaultConfig: ThawConfig = Object.freeze({
   runsc: { path: 'runsc', platform: 'systrap', network: 'none', debugLogDir: null, flags: { 'host-uds': 'open' } },
   runc: { path: 'runc', criuPath: '/opt/thaw/criu/bin/criu' },
   checkpoint: { compression: 'auto', direct: true },
-  restore: { stage: true, ioBackend: 'auto', verify: true },
+  restore: { stage: true, ioBackend: 'auto', verify: true, lazyPages: 'auto' },
   gpu: { mode: 'auto', cudaCheckpointPath: null, lockTimeoutMs: 10_000 },
   log: { level: 'info' },
 }) as ThawConfig;
@@ -109,6 +117,7 @@ export function resolveConfig(input: unknown, source = 'config'): ThawConfig {
   oneOf(source, 'runsc.network', c.runsc.network, ['none', 'host']);
   oneOf(source, 'checkpoint.compression', c.checkpoint.compression, ['auto', 'none', 'flate-best-speed']);
   oneOf(source, 'restore.ioBackend', c.restore.ioBackend, ['auto', 'uring', 'aio', 'pread']);
+  oneOf(source, 'restore.lazyPages', c.restore.lazyPages, ['auto', 'on', 'off']);
   oneOf(source, 'gpu.mode', c.gpu.mode, ['auto', 'off']);
   oneOf(source, 'log.level', c.log.level, ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent']);
   for (const [k, v] of Object.entries(c.runsc.flags)) {
