@@ -28,17 +28,30 @@
  *   namespace that never conflicts; in the host pid namespace the recorded pids must be free, so
  *   restore waits briefly for the originals to be reaped and fails with FailedPrecondition if one
  *   still runs (e.g. a `leaveRunning` source).
+ * - **Lazy pages.** By default restore hands the private anonymous memory to thaw's parallel page
+ *   server (`runc restore --lazy-pages`, restore/pages.ts) and runs the CUDA restore while it
+ *   fills; any page server failure kills the half-restored container and restores plainly
+ *   (docs/pages-restore.md, "The native engine").
  */
 import { spawn } from 'node:child_process';
-import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync, readlinkSync } from 'node:fs';
+import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync, readdirSync, readlinkSync, rmdirSync } from 'node:fs';
 import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
 import { isAbsolute, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Cleanup } from '../cleanup.js';
 import { RuncError, ShimError, asShimError, isShimError } from '../errors.js';
-import { silentLogger, type Logger } from '../log/logger.js';
-import { criuVersion } from '../runc/criu.js';
+import { PhaseTimer, silentLogger, type Logger } from '../log/logger.js';
+import {
+  PageServerError,
+  lazyPagesAvailable,
+  startLazyRestore,
+  type ImageChecksum,
+  type LazyPagesOptions,
+  type LazyRestore,
+  type LazyRestoreHooks,
+} from '../restore/pages.js';
+import { criuCheckFeature, criuVersion, unmountAllUnder } from '../runc/criu.js';
 import type { RuncStdio, RuncStdioSlot } from '../runc/options.js';
 import { Runc, type RuncVerb } from '../runc/runc.js';
 import { runtimeIdFor } from './container-id.js';
@@ -84,8 +97,65 @@ export interface NativeEngineOptions {
   timeoutsMs?: Readonly<Partial<Record<RuncVerb, number>>>;
   /** How long restore waits for recorded host pids to be freed (host pid namespace only). */
   pidReleaseTimeoutMs?: number;
+  /**
+   * Restore anonymous memory with thaw's parallel lazy-pages server (ThawConfig.restore.lazyPages;
+   * default 'auto': when the addon loads and CRIU supports userfaultfd).
+   */
+  lazyPages?: LazyPagesMode;
+  /** Page server settings (threads, timeouts, …) and test seams. */
+  lazyPagesTuning?: NativeLazyPagesTuning;
   /** For tests: a ready Runc. */
   runc?: Runc;
+}
+
+/** `ThawConfig.restore.lazyPages`. */
+export type LazyPagesMode = 'auto' | 'on' | 'off';
+
+/** Page server settings passed on to startLazyRestore (restore/pages.ts); defaults there. */
+export type NativeLazyPagesTuning = Pick<
+  LazyPagesOptions,
+  'threads' | 'chunkBytes' | 'faultAheadBytes' | 'followBytes' | 'prefetchChunks' | 'order' | 'direct' | 'receiveTimeoutMs' | 'fillTimeoutMs' | 'binding'
+> & {
+  /** For tests: stands in for startLazyRestore. */
+  start?: (opts: LazyPagesOptions & { hooks: LazyRestoreHooks }) => Promise<LazyRestore>;
+};
+
+/** What `NativeEngine.restore` takes beyond the Engine's RestoreOptions. */
+export interface NativeRestoreOptions extends RestoreOptions {
+  /**
+   * Expected checksums of the image files (`checksumsFromManifest(snapshot.dir, manifest.files)`):
+   * the page server verifies the pages it serves while it fills, and the restore succeeds only if
+   * they match. Leave out when the image was verified before this restore (the stager does that
+   * when `restore.verify` is on): the bytes need checking once.
+   */
+  pageChecksums?: ReadonlyMap<string, ImageChecksum>;
+  /** Overrides the engine's `lazyPages` for this restore. */
+  lazyPages?: LazyPagesMode;
+}
+
+/** Directories in the container's state dir for CRIU's restore log (and the page server's socket). */
+const PLAIN_WORK_DIR = 'restore-work';
+const LAZY_WORK_DIR = 'restore-work-lazy';
+/** How long the kill of a failed restore may take before it counts as failed. */
+const KILL_TIMEOUT_MS = 10_000;
+
+/** One restore of `NativeEngine.restore` (shared by the lazy attempt and the plain one). */
+interface RestoreAttempt {
+  id: string;
+  rid: string;
+  /** The container's state dir. */
+  dir: string;
+  callerBundle: string;
+  imageDir: string;
+  bundle: PrivateBundle;
+  io: InterposedStdio;
+  pidFile: string;
+  consoleSocket: string | undefined;
+  signal: AbortSignal | undefined;
+  /** The GPU hooks' record when CUDA processes took part, else null. */
+  gpuRecord: GpuCheckpointRecord | null;
+  log: Logger;
+  timer: PhaseTimer;
 }
 
 /** A relay process of `interposeStdio`, identified by pid and start time (pids are reused). */
@@ -132,6 +202,8 @@ export class NativeEngine implements Engine {
   readonly #gpu: GpuHooks | undefined;
   readonly #namespace: string;
   readonly #pidReleaseTimeoutMs: number;
+  readonly #lazyPages: LazyPagesMode;
+  readonly #lazyTuning: NativeLazyPagesTuning;
   /** Serializes read-modify-write of one container's record within this process. */
   readonly #locks = new Map<string, Promise<unknown>>();
 
@@ -142,6 +214,8 @@ export class NativeEngine implements Engine {
     this.#gpu = options.gpu;
     this.#namespace = options.namespace ?? '';
     this.#pidReleaseTimeoutMs = options.pidReleaseTimeoutMs ?? 5_000;
+    this.#lazyPages = options.lazyPages ?? 'auto';
+    this.#lazyTuning = options.lazyPagesTuning ?? {};
     this.runc =
       options.runc ??
       new Runc({
@@ -196,7 +270,16 @@ export class NativeEngine implements Engine {
   /** Nothing to prepare: `runc restore` creates the container itself. */
   async prepareRestore(_opts: CreateOptions): Promise<void> {}
 
-  async restore(opts: RestoreOptions): Promise<EngineState> {
+  /**
+   * Restores `opts.imageDir` as a new container. With lazy pages (see `lazyPages`), CRIU restores
+   * everything but the private anonymous memory, the app starts at once and thaw's page server fills
+   * that memory from several threads; the GPU hooks' CUDA restore runs as soon as runc returns, so it
+   * overlaps the fill. Resolves when every page is in (and verified, with `pageChecksums`). If the
+   * page server refuses the image or fails, the half-restored container is killed (before its
+   * userfaultfds close) and the image is restored again the plain way; a damaged image is not
+   * restored again (the caller falls back to a cold start).
+   */
+  async restore(opts: NativeRestoreOptions): Promise<EngineState> {
     const rid = this.#rid(opts.id);
     const image = await readImageInfo(opts.imageDir);
     const gpuRecord = await readGpuRecord(opts.imageDir);
@@ -204,6 +287,9 @@ export class NativeEngine implements Engine {
       throw new ShimError('FailedPrecondition', `image ${opts.imageDir} holds CUDA state of ${gpuRecord.pids.length} process(es) but this engine has no GPU hooks`);
     }
     if (image?.hostPidNamespace) await this.#waitForPidsFree(image.pids, opts.imageDir);
+    const log = this.#log.child({ id: opts.id });
+    const timer = new PhaseTimer(log);
+    const lazyWanted = await this.#lazyPagesWanted(opts.lazyPages ?? this.#lazyPages);
 
     await using cleanup = this.#cleanup(opts.id);
     const dir = await this.#claim(rid, cleanup);
@@ -212,37 +298,203 @@ export class NativeEngine implements Engine {
     await writeFile(bundle.criuConfig, `${bundle.userCriuConfig}cgroup-root ${bundle.cgroupsPath}\n`, { mode: 0o600 });
     const io = bundle.terminal ? passThrough(opts.stdio) : await interposeStdio(opts.stdio, { signal: opts.signal });
     cleanup.add('stop stdio relays', () => stopRelays(io.relays, { drainMs: 0 }));
-    const workPath = join(dir, 'restore-work');
-    await rm(workPath, { recursive: true, force: true });
-    const pidFile = join(dir, 'init.pid');
-    const t0 = performance.now();
+    const a: RestoreAttempt = {
+      id: opts.id,
+      rid,
+      dir,
+      callerBundle: opts.bundle,
+      imageDir: opts.imageDir,
+      bundle,
+      io,
+      pidFile: join(dir, 'init.pid'),
+      consoleSocket: opts.consoleSocket,
+      signal: opts.signal,
+      gpuRecord: gpuRecord !== null && gpuRecord.pids.length > 0 ? gpuRecord : null,
+      log,
+      timer,
+    };
+    // Safe when nothing was restored; kills whatever a failed or cut-off attempt left.
+    cleanup.add('kill restored container', () => this.#killRestored(a));
+    let mode: 'lazy' | 'plain' = 'plain';
     try {
-      await this.runc.restore(rid, {
-        imagePath: opts.imageDir,
-        workPath,
-        bundle: bundle.dir,
-        stdio: io.fds,
-        pidFile,
-        consoleSocket: opts.consoleSocket,
-        signal: opts.signal,
-      });
+      // Our copies of the stdio pipes stay open until the last attempt: a killed lazy attempt must
+      // not end the relays (each output relay exits at EOF, when its last writer is gone).
+      if (lazyWanted.use) {
+        const lazy = await this.#restoreLazy(a, opts.pageChecksums);
+        if (lazy.restored) mode = 'lazy';
+        else {
+          log.warn({ phase: 'lazy-pages', fallback: 'restore', reason: lazy.reason, err: lazy.err }, 'restoring without lazy pages');
+          // The killed tasks held the recorded host pids until pid 1 reaps them.
+          if (image?.hostPidNamespace) await this.#waitForPidsFree(image.pids, opts.imageDir);
+        }
+      } else {
+        log.debug({ phase: 'lazy-pages', reason: lazyWanted.reason }, 'lazy pages not used');
+      }
+      if (mode === 'plain') await this.#restorePlain(a);
     } finally {
       io.close();
       await writeUserCriuConfig(bundle.criuConfig, bundle.userCriuConfig);
     }
-    cleanup.add('runc delete', () => this.runc.delete(rid, { force: true }));
-    const init = await readInit(pidFile);
-    await this.#save({ version: 1, id: opts.id, rid, bundle: opts.bundle, cgroupsPath: bundle.cgroupsPath, hostPidNamespace: bundle.hostPidNamespace, init, relays: io.relays, signals: [] });
-    this.#log.debug({ id: opts.id, pid: init.pid, phase: 'runc-restore', durationMs: round(performance.now() - t0) }, 'native restore done');
-
-    if (gpuRecord !== null && gpuRecord.pids.length > 0 && this.#gpu !== undefined) {
-      const pids = await this.runc.ps(rid);
-      const t1 = performance.now();
-      await this.#gpu.afterRestore(gpuRecord, pids);
-      this.#log.debug({ id: opts.id, phase: 'gpu-restore', durationMs: round(performance.now() - t1) }, 'CUDA state restored');
-    }
     cleanup.release();
+    log.info({ phase: 'restore', mode, durationMs: timer.elapsed(), timings: timer.timings }, 'native restore done');
     return this.state(opts.id);
+  }
+
+  /** Whether to try lazy pages, or why not. */
+  async #lazyPagesWanted(mode: LazyPagesMode): Promise<{ use: true } | { use: false; reason: string }> {
+    if (mode === 'off') return { use: false, reason: 'lazy pages are off' };
+    const avail = lazyPagesAvailable(this.#lazyTuning.binding);
+    if (!avail.ok) return { use: false, reason: avail.reason };
+    if (mode === 'on') return { use: true };
+    const check = await criuCheckFeature(this.#criuPath, 'uffd-noncoop').catch((err: unknown) => ({ ok: false, output: asShimError(err).message }));
+    if (!check.ok) return { use: false, reason: `CRIU at ${this.#criuPath} cannot restore lazily: ${lastLine(check.output) || 'criu check --feature uffd-noncoop failed'}` };
+    return { use: true };
+  }
+
+  /** `runc restore` without lazy pages, then the GPU step. */
+  async #restorePlain(a: RestoreAttempt): Promise<void> {
+    const workPath = join(a.dir, PLAIN_WORK_DIR);
+    await rm(workPath, { recursive: true, force: true });
+    await a.timer.phase('runc-restore', () => this.runc.restore(a.rid, { ...this.#restoreArgs(a), workPath, signal: a.signal }));
+    await this.#recordInit(a);
+    await this.#gpuAfterRestore(a);
+  }
+
+  /**
+   * The lazy attempt. Resolves `{restored: true}` once every page is in, or `{restored: false}` when
+   * nothing is left of the attempt (refused before it ran, or killed after) and a plain restore may
+   * follow. Throws when a plain restore must not follow: the image is damaged, the caller canceled,
+   * the GPU step failed on its own, or the half-restored tasks could not be killed.
+   */
+  async #restoreLazy(a: RestoreAttempt, checksums: ReadonlyMap<string, ImageChecksum> | undefined): Promise<{ restored: true } | { restored: false; reason: string; err: unknown }> {
+    const workDir = join(a.dir, LAZY_WORK_DIR);
+    await rm(workDir, { recursive: true, force: true });
+    const { start = startLazyRestore, ...tuning } = this.#lazyTuning;
+    let ran = false;
+    const hooks: LazyRestoreHooks = {
+      restore: async (signal) => {
+        ran = true;
+        const both = a.signal === undefined ? signal : AbortSignal.any([signal, a.signal]);
+        await this.runc.restore(a.rid, { ...this.#restoreArgs(a), workPath: workDir, lazyPages: true, signal: both });
+      },
+      kill: () => a.timer.phase('lazy-kill', () => this.#killRestored(a)),
+    };
+    let lazy: LazyRestore;
+    try {
+      lazy = await a.timer.phase('runc-restore-lazy', () => start({ ...tuning, imageDir: a.imageDir, workDir, checksums, log: a.log, hooks }));
+    } catch (err) {
+      return this.#lazyFailed(a, err, ran);
+    }
+    const onAbort = () => lazy.abort();
+    a.signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      // The CUDA restore reads the parked device memory while it arrives: the overlap is the point.
+      let stepErr: unknown;
+      try {
+        await this.#recordInit(a);
+        await this.#gpuAfterRestore(a);
+      } catch (err) {
+        stepErr = err;
+        lazy.abort(); // done rejects once the tasks are killed
+      }
+      try {
+        const result = await a.timer.phase('lazy-fill-wait', () => lazy.done);
+        a.timer.record('lazy-pages', result.totalMs);
+        a.timer.record('lazy-fill', result.fillMs);
+        a.log.info(
+          { phase: 'lazy-pages', durationMs: result.totalMs, bytes: result.bytes, restoreMs: lazy.restoreMs, fillMs: Math.round(result.fillMs), verified: result.verified },
+          'anonymous memory restored by the page server',
+        );
+      } catch (err) {
+        // Our abort after a failed step (the CUDA restore): that failure is the one to report.
+        if (stepErr !== undefined && isShimError(err, 'Canceled')) throw stepErr;
+        return this.#lazyFailed(a, err, true);
+      }
+      if (stepErr !== undefined) throw stepErr;
+      return { restored: true };
+    } finally {
+      a.signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /** Decides what a failed lazy attempt means (see #restoreLazy). */
+  #lazyFailed(a: RestoreAttempt, err: unknown, ran: boolean): { restored: false; reason: string; err: unknown } {
+    if (a.signal?.aborted) throw err;
+    if (ran && !(err instanceof PageServerError && err.killed)) {
+      // Tasks may live with userfaultfds still open: restoring again could run two copies.
+      throw new ShimError('Internal', `lazy restore failed and its tasks could not be killed: ${asShimError(err).message}`, { cause: err });
+    }
+    if (imageDamaged(err)) throw err;
+    return { restored: false, reason: asShimError(err).message, err };
+  }
+
+  #restoreArgs(a: RestoreAttempt) {
+    return { imagePath: a.imageDir, bundle: a.bundle.dir, stdio: a.io.fds, pidFile: a.pidFile, consoleSocket: a.consoleSocket };
+  }
+
+  /** Saves the container record with the restored init (runc wrote its pid file). */
+  async #recordInit(a: RestoreAttempt): Promise<void> {
+    const init = await readInit(a.pidFile);
+    await this.#save({ version: 1, id: a.id, rid: a.rid, bundle: a.callerBundle, cgroupsPath: a.bundle.cgroupsPath, hostPidNamespace: a.bundle.hostPidNamespace, init, relays: a.io.relays, signals: [] });
+    a.log.debug({ pid: init.pid }, 'restored init');
+  }
+
+  async #gpuAfterRestore(a: RestoreAttempt): Promise<void> {
+    if (a.gpuRecord === null || this.#gpu === undefined) return;
+    const gpu = this.#gpu;
+    const record = a.gpuRecord;
+    const pids = await this.runc.ps(a.rid);
+    await a.timer.phase('gpu-restore', () => gpu.afterRestore(record, pids));
+  }
+
+  /**
+   * Kills everything a restore attempt created and waits until it is gone, so that its userfaultfds
+   * may close and another restore may follow: runc's half-made state of a restore cut off mid-way,
+   * runc's container (`delete --force`), the recorded init, a CRIU still running for this attempt
+   * (it holds its log in a work dir) with everything it forked, and every task in the container's
+   * cgroups. Safe when nothing was restored.
+   */
+  async #killRestored(a: RestoreAttempt): Promise<void> {
+    // The saved record, not the pid file: its start time tells a reused pid apart.
+    const init = (await this.#load(a.id).catch(() => null))?.init ?? null;
+    // First: on a half-made state `runc delete` removes the dir recursively, through the rootfs
+    // bind mount CRIU was given, and so deletes the container's rootfs (seen here).
+    await this.runc.removeInterruptedRestore(a.rid);
+    await this.runc.delete(a.rid, { force: true }).catch((err: unknown) => {
+      if (!isShimError(err, 'NotFound')) a.log.debug({ err }, 'runc delete --force of a failed restore');
+    });
+    const spare = ownLineage();
+    const targets = new Map<number, number>(); // pid → start time
+    const kill = (pid: number) => {
+      if (spare.has(pid)) return;
+      const st = procStat(pid);
+      if (st === null || st.state === 'Z' || st.state === 'X') return;
+      if (!targets.has(pid)) targets.set(pid, st.startTime);
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // gone meanwhile
+      }
+    };
+    if (init !== null && isAlive(init.pid, init.startTime)) kill(init.pid);
+    // Only CRIU writes under the work dirs (its log); the rest of the state dir is read by others.
+    for (const pid of processTree(holdersOf([PLAIN_WORK_DIR, LAZY_WORK_DIR].map((d) => `${join(a.dir, d)}/`)))) kill(pid);
+    const deadline = performance.now() + KILL_TIMEOUT_MS;
+    for (;;) {
+      const inCgroup = cgroupProcs(a.bundle.cgroupsPath).filter((pid) => isAlive(pid, 0) && !spare.has(pid));
+      inCgroup.forEach(kill);
+      const alive = [...targets].filter(([pid, startTime]) => isAlive(pid, startTime)).map(([pid]) => pid);
+      if (alive.length === 0 && inCgroup.length === 0) break;
+      if (performance.now() > deadline) {
+        throw new ShimError('DeadlineExceeded', `restored processes ${[...new Set([...alive, ...inCgroup])].join(', ')} of ${a.id} did not die within ${KILL_TIMEOUT_MS} ms`);
+      }
+      await sleep(20);
+    }
+    removeCgroupDirs(a.bundle.cgroupsPath);
+    // A CRIU killed mid-restore leaves its cgroup yard mounted in its work dir.
+    const mounts = await unmountAllUnder(a.dir);
+    if (mounts.length > 0) a.log.debug({ mounts }, 'unmounted what CRIU left');
+    if (targets.size > 0) a.log.debug({ pids: [...targets.keys()] }, 'killed what the failed restore left');
   }
 
   async checkpoint(id: string, opts: CheckpointOptions): Promise<void> {
@@ -331,6 +583,9 @@ export class NativeEngine implements Engine {
     const rid = this.#rid(id);
     const dir = this.#dir(rid);
     const rec = await this.#load(id).catch(() => null);
+    // A restore killed mid-way (e.g. the shim died) leaves runc a half-made state whose removal by
+    // `runc delete` would recurse into the rootfs (see removeInterruptedRestore).
+    await this.runc.removeInterruptedRestore(rid);
     try {
       await this.runc.delete(rid, { force: opts.force ?? false });
     } catch (err) {
@@ -852,6 +1107,137 @@ async function waitForExit(proc: { pid: number; startTime: number }, signal?: Ab
     }
     delay = Math.min(500, Math.round(delay * 1.5));
   }
+}
+
+/** Alive and not a zombie; with a start time, also the same process (pids are reused). */
+function isAlive(pid: number, startTime: number): boolean {
+  const st = procStat(pid);
+  return st !== null && st.state !== 'Z' && st.state !== 'X' && (startTime === 0 || st.startTime === startTime);
+}
+
+/** Pids of /proc, read once. */
+function allPids(): number[] {
+  let names: string[];
+  try {
+    names = readdirSync('/proc');
+  } catch {
+    return [];
+  }
+  return names.filter((n) => /^\d+$/.test(n)).map(Number);
+}
+
+/** Processes holding an open file whose path starts with one of `prefixes`. */
+function holdersOf(prefixes: readonly string[]): number[] {
+  const out: number[] = [];
+  for (const pid of allPids()) {
+    if (pid === process.pid) continue;
+    let fds: string[];
+    try {
+      fds = readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    for (const fd of fds) {
+      let target = '';
+      try {
+        target = readlinkSync(`/proc/${pid}/fd/${fd}`);
+      } catch {
+        continue;
+      }
+      if (prefixes.some((p) => target.startsWith(p))) {
+        out.push(pid);
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+/** `roots` and all their descendants (by the parent pid in /proc/<pid>/stat). */
+function processTree(roots: readonly number[]): number[] {
+  if (roots.length === 0) return [];
+  const children = new Map<number, number[]>();
+  for (const pid of allPids()) {
+    const ppid = parentOf(pid);
+    if (ppid === null) continue;
+    const list = children.get(ppid) ?? [];
+    list.push(pid);
+    children.set(ppid, list);
+  }
+  const out = new Set<number>();
+  const queue = [...roots];
+  for (let pid = queue.shift(); pid !== undefined; pid = queue.shift()) {
+    if (out.has(pid)) continue;
+    out.add(pid);
+    queue.push(...(children.get(pid) ?? []));
+  }
+  return [...out];
+}
+
+function parentOf(pid: number): number | null {
+  try {
+    const text = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const ppid = Number(text.slice(text.lastIndexOf(')') + 2).split(' ')[1]);
+    return Number.isSafeInteger(ppid) ? ppid : null;
+  } catch {
+    return null;
+  }
+}
+
+/** This process and its ancestors: never killed, whatever cgroup they share. */
+function ownLineage(): Set<number> {
+  const out = new Set<number>();
+  for (let pid: number | null = process.pid; pid !== null && pid > 0 && !out.has(pid); pid = parentOf(pid)) out.add(pid);
+  return out;
+}
+
+/** The container's cgroup directories: `<path>` under cgroup v2 and under each v1 hierarchy. */
+function cgroupDirs(cgroupsPath: string): string[] {
+  const rel = cgroupsPath.split('/').filter((p) => p !== '' && p !== '.' && p !== '..');
+  if (rel.length === 0) return []; // never the root cgroup
+  const base = '/sys/fs/cgroup';
+  let entries: string[] = [];
+  try {
+    entries = readdirSync(base);
+  } catch {
+    return [];
+  }
+  return [join(base, ...rel), ...entries.map((e) => join(base, e, ...rel))];
+}
+
+/** Every pid in the container's cgroups. */
+function cgroupProcs(cgroupsPath: string): number[] {
+  const pids = new Set<number>();
+  for (const dir of cgroupDirs(cgroupsPath)) {
+    let text = '';
+    try {
+      text = readFileSync(join(dir, 'cgroup.procs'), 'utf8');
+    } catch {
+      continue;
+    }
+    for (const line of text.split('\n')) if (/^\d+$/.test(line)) pids.add(Number(line));
+  }
+  return [...pids];
+}
+
+/** Removes the container's (empty) cgroup directories a failed restore left; busy ones stay. */
+function removeCgroupDirs(cgroupsPath: string): void {
+  for (const dir of cgroupDirs(cgroupsPath)) {
+    try {
+      rmdirSync(dir);
+    } catch {
+      // absent or busy
+    }
+  }
+}
+
+/** A checksum that differs from the manifest: the image itself is bad, a plain restore of it too. */
+function imageDamaged(err: unknown): boolean {
+  return err instanceof PageServerError && err.code === 'DataLoss' && (err.phase === 'prepare' || err.phase === 'verify-before' || err.phase === 'verify');
+}
+
+function lastLine(text: string): string {
+  return text.trim().split('\n').at(-1)?.trim() ?? '';
 }
 
 async function readInit(pidFile: string): Promise<{ pid: number; startTime: number }> {

@@ -18,9 +18,15 @@ import {
   procStat,
   stopRelays,
   type NativeEngineOptions,
+  type NativeLazyPagesTuning,
 } from '../../src/engine/native.js';
 import { RuncError } from '../../src/errors.js';
+import type { Logger } from '../../src/log/logger.js';
+import { PagesUnsupportedError } from '../../src/restore/pages-image.js';
+import type { UffdBinding } from '../../src/restore/pages-native.js';
+import { PageServerError, type LazyPagesOptions, type LazyPagesResult, type LazyRestoreHooks } from '../../src/restore/pages.js';
 import { clearCriuVersionCache } from '../../src/runc/criu.js';
+import { pino } from 'pino';
 
 const FAKE = fileURLToPath(new URL('../fixtures/bin/fake-runc', import.meta.url));
 
@@ -473,4 +479,251 @@ t.test('identity names runc and CRIU versions', async (t) => {
   const { engine, plan } = setup(t);
   plan('version', { stdout: 'runc version 1.1.5+ds1\ncommit: x\nspec: 1.0.2-dev\n' });
   t.same(await engine.identity(), { engine: 'native', runtime: 'runc', version: '1.1.5+ds1', criu: '4.1.1' });
+});
+
+// ---- lazy pages (thaw's page server; startLazyRestore is faked, runc is fake-runc) ----
+
+/** A stand-in for startLazyRestore driving the engine's hooks the way the real one does. */
+interface FakeLazy {
+  start: NonNullable<NativeLazyPagesTuning['start']>;
+  /** What the engine passed to start(). */
+  seen: (LazyPagesOptions & { hooks: LazyRestoreHooks })[];
+  /** Settles `done` of the current restore. */
+  finish(result: 'ok' | PageServerError): Promise<void>;
+  aborted: number;
+}
+
+function fakeLazy(opts: { refuse?: Error; failRestore?: PageServerError; afterRestore?: () => void } = {}): FakeLazy {
+  const seen: FakeLazy['seen'] = [];
+  let settle: ((v: 'ok' | PageServerError) => void) | undefined;
+  const fake: FakeLazy = {
+    seen,
+    aborted: 0,
+    async finish(result) {
+      for (let i = 0; i < 500 && settle === undefined; i++) await sleep(10);
+      settle?.(result);
+    },
+    async start(o) {
+      seen.push(o);
+      if (opts.refuse) throw opts.refuse; // prepare() refused: nothing ran
+      await o.hooks.restore(new AbortController().signal);
+      if (opts.failRestore) {
+        await o.hooks.kill([1]);
+        throw opts.failRestore;
+      }
+      opts.afterRestore?.();
+      const outcome = new Promise<'ok' | PageServerError>((resolve) => (settle = resolve));
+      const done = outcome.then(async (r): Promise<LazyPagesResult> => {
+        if (r === 'ok') return { pids: [1], bytes: 4096, fillMs: 1, allPagesMs: 2, totalMs: 3, verified: o.checksums !== undefined, tasks: [] };
+        await o.hooks.kill([1]); // the real one kills before it rejects (and before closing the uffds)
+        throw r;
+      });
+      done.catch(() => undefined);
+      return {
+        pids: [1],
+        restoreMs: 5,
+        done,
+        abort: () => {
+          fake.aborted++;
+          settle?.(new PageServerError('Canceled', 'task 1: page server fill canceled', { phase: 'fill', pids: [1], killed: true }));
+        },
+      };
+    },
+  };
+  return fake;
+}
+
+function lazyImage(dir: string, gpu: boolean): string {
+  const image = join(dir, 'image');
+  mkdirSync(image);
+  writeFileSync(join(image, 'descriptors.json'), '["pipe:[1]","pipe:[2]","pipe:[2]"]');
+  writeFileSync(join(image, NATIVE_IMAGE_FILE), JSON.stringify({ version: 1, runc: '1.1.5', criu: '4.1.1', pids: [7], hostPidNamespace: false, cgroupsPath: '/thaw/old', leaveRunning: false }));
+  if (gpu) writeFileSync(join(image, GPU_RECORD_FILE), JSON.stringify({ pids: [7], timings: {} }));
+  return image;
+}
+
+/** JSON log lines written by a pino logger into an array. */
+function captureLog(): { log: Logger; lines: Record<string, unknown>[] } {
+  const lines: Record<string, unknown>[] = [];
+  return { log: pino({ level: 'debug' }, { write: (s: string) => void lines.push(JSON.parse(s) as Record<string, unknown>) }), lines };
+}
+
+const NO_ADDON_NEEDED = { binding: {} as UffdBinding };
+
+t.test('lazy restore: runc restore --lazy-pages in its own work dir, CUDA restore before the fill is awaited', async (t) => {
+  const { log, lines } = captureLog();
+  const lazy = fakeLazy();
+  const { engine, gpu, plan, calls, bundle, containerDir, dir, ctl } = setup(t, { log, lazyPages: 'on', lazyPagesTuning: { ...NO_ADDON_NEEDED, start: lazy.start, threads: 3 } });
+  const image = lazyImage(dir, true);
+  const pid = liveProcess(t);
+  plan('restore', { files: { 'pid-file': `${pid}\n` }, capture: ['../criu.conf'] });
+  plan('ps', { stdout: `[${pid}]` });
+  plan('state', { stdout: JSON.stringify({ id: 'x', pid, status: 'running', bundle: '/b' }) });
+  const checksums = new Map([[join(image, 'pages-1.img'), { bytes: 1, hash: '0000000000000000', algo: 'xxh64' }]]);
+  // The fill ends only once the CUDA restore ran: awaiting it first would deadlock.
+  const origAfterRestore = gpu.afterRestore.bind(gpu);
+  gpu.afterRestore = async (rec, pids) => {
+    await origAfterRestore(rec, pids);
+    void lazy.finish('ok');
+  };
+  const restoring = engine.restore({ id: 'lz', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image, pageChecksums: checksums });
+  const state = await Promise.race([restoring, sleep(10_000).then(() => Promise.reject(new Error('the fill was awaited before the CUDA restore')))]);
+  t.same(state, { id: 'lz', status: 'running', pid });
+  const rid = runtimeIdFor('lz');
+  const cdir = containerDir('lz');
+  const work = join(cdir, 'restore-work-lazy');
+  t.same(calls()[0], ['restore', '--detach', '--image-path', image, '--work-path', work, '--bundle', join(cdir, 'bundle'), '--pid-file', join(cdir, 'init.pid'), '--lazy-pages', rid]);
+  t.equal(calls().filter((c) => c[0] === 'restore').length, 1, 'one restore');
+  t.equal(readFileSync(join(ctl, 'captured', 'restore.criu.conf'), 'utf8'), `cgroup-root /thaw/${rid}\n`, 'CRIU restores into the new cgroup');
+  t.notOk(existsSync(join(cdir, 'criu.conf')), 'config gone afterwards');
+  const o = lazy.seen[0]!;
+  t.equal(o.imageDir, image);
+  t.equal(o.workDir, work, 'the page server listens where CRIU looks (--work-path)');
+  t.equal(o.checksums, checksums, 'the manifest’s checksums reach the page server');
+  t.equal(o.threads, 3, 'tuning passed on');
+  t.same(gpu.calls, [['afterRestore', [7], [pid]]]);
+  const done = lines.find((l) => l.msg === 'native restore done');
+  t.match(done, { id: 'lz', phase: 'restore', mode: 'lazy', timings: { 'runc-restore-lazy': Number, 'gpu-restore': Number, 'lazy-pages': 3 } });
+  t.match(lines.find((l) => l.msg === 'anonymous memory restored by the page server'), { id: 'lz', phase: 'lazy-pages', durationMs: 3, verified: true });
+});
+
+t.test('a failed fill: the lazy container is killed, the plain restore follows, output still reaches the caller', async (t) => {
+  const { log, lines } = captureLog();
+  let criu: ReturnType<typeof spawn> | undefined;
+  let plan2: (() => void) | undefined;
+  const lazy = fakeLazy({
+    afterRestore: () => {
+      // A CRIU stand-in still holding its log in the work dir, with a child: the kill must get both.
+      criu = spawn('sh', ['-c', 'exec 3>>"$0/restore.log"; sleep 60 & echo $!; wait', lazyWork], { stdio: ['ignore', 'pipe', 'ignore'] });
+      plan2?.();
+    },
+  });
+  const { engine, gpu, plan, calls, bundle, containerDir, dir } = setup(t, { log, lazyPages: 'on', lazyPagesTuning: { ...NO_ADDON_NEEDED, start: lazy.start } });
+  const lazyWork = join(containerDir('fb'), 'restore-work-lazy');
+  const image = lazyImage(dir, true);
+  const first = liveProcess(t);
+  const second = liveProcess(t);
+  plan('restore', { files: { 'pid-file': `${first}\n` }, stdout: 'from the lazy restore\n' });
+  plan2 = () => plan('restore', { files: { 'pid-file': `${second}\n` }, stdout: 'from the plain restore\n' });
+  plan('ps', { stdout: '[1]' });
+  plan('state', { stdout: JSON.stringify({ id: 'x', pid: second, status: 'running', bundle: '/b' }) });
+  const outFile = join(dir, 'out.txt');
+  const out = openSync(outFile, 'w');
+  t.teardown(() => closeSync(out));
+
+  const restoring = engine.restore({ id: 'fb', bundle, stdio: ['ignore', out, out], imageDir: image });
+  const stub = await until('the lazy restore to run', () => criu);
+  t.teardown(() => {
+    stub.kill('SIGKILL');
+  });
+  const child = Number(await new Promise<string>((resolve) => stub.stdout!.once('data', (d: Buffer) => resolve(d.toString()))));
+  await until('the CUDA restore during the fill', () => (gpu.calls.length > 0 ? true : undefined));
+  await lazy.finish(new PageServerError('DeadlineExceeded', 'task 1: page server fill timed out', { phase: 'fill', pids: [1], killed: true }));
+  const state = await restoring;
+  t.equal(state.pid, second, 'the plain restore’s init runs');
+  const rid = runtimeIdFor('fb');
+  const cdir = containerDir('fb');
+  t.same(
+    calls().map((c) => c.slice(0, 1).concat(c.includes('--lazy-pages') ? ['--lazy-pages'] : [], c.includes('--work-path') ? [c[c.indexOf('--work-path') + 1]!] : [])),
+    [['restore', '--lazy-pages', join(cdir, 'restore-work-lazy')], ['ps'], ['delete'], ['restore', join(cdir, 'restore-work')], ['ps'], ['state']],
+    'lazy restore, CUDA restore, kill, plain restore, CUDA restore again',
+  );
+  t.same(calls()[2], ['delete', '--force', rid]);
+  t.same(gpu.calls, [['afterRestore', [7], [1]], ['afterRestore', [7], [1]]]);
+  t.ok(['Z', undefined].includes(procStat(first)?.state), 'the lazily restored init was killed (its recorded start time matched)');
+  await until('the CRIU stand-in and its child to die', () => (['Z', undefined].includes(procStat(criu!.pid!)?.state) && ['Z', undefined].includes(procStat(child)?.state) ? true : undefined));
+  t.match(lines.find((l) => l.msg === 'restoring without lazy pages'), { id: 'fb', phase: 'lazy-pages', fallback: 'restore', reason: /fill timed out/, err: { code: 'DeadlineExceeded' } });
+  t.match(lines.find((l) => l.msg === 'native restore done'), { mode: 'plain', timings: { 'lazy-kill': Number, 'runc-restore': Number } });
+  await until('both restores’ output through the relays', () => {
+    const text = readFileSync(outFile, 'utf8');
+    return text.includes('from the lazy restore') && text.includes('from the plain restore') ? true : undefined;
+  });
+  const rec = JSON.parse(readFileSync(join(cdir, 'container.json'), 'utf8'));
+  t.equal(rec.init.pid, second, 'the record names the plain restore’s init');
+});
+
+t.test('the page server refusing the image (or CRIU without uffd, or off): plain restore, nothing killed', async (t) => {
+  const { log, lines } = captureLog();
+  const refusing = fakeLazy({ refuse: new PagesUnsupportedError('FailedPrecondition', 'CRIU image x: pre-dump pages (PE_PARENT) are not served', { path: 'x' }) });
+  const { engine, plan, calls, bundle, dir, criu, root, containerDir } = setup(t, { log, lazyPages: 'on', lazyPagesTuning: { ...NO_ADDON_NEEDED, start: refusing.start } });
+  const image = lazyImage(dir, false);
+  const pid = liveProcess(t);
+  plan('restore', { files: { 'pid-file': `${pid}\n` } });
+  plan('state', { stdout: JSON.stringify({ id: 'x', pid, status: 'running', bundle: '/b' }) });
+  await engine.restore({ id: 'r1', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image });
+  t.same(
+    calls().map((c) => c[0]),
+    ['restore', 'state'],
+  );
+  t.notOk(calls()[0]!.includes('--lazy-pages'));
+  t.equal(calls()[0]![calls()[0]!.indexOf('--work-path') + 1], join(containerDir('r1'), 'restore-work'));
+  t.match(lines.find((l) => l.msg === 'restoring without lazy pages'), { fallback: 'restore', reason: /PE_PARENT/ });
+
+  // auto: the fake CRIU does not know `check --feature uffd-noncoop`.
+  const never = fakeLazy();
+  const auto = new NativeEngine({ runcPath: FAKE, criuPath: criu, root, log, lazyPagesTuning: { ...NO_ADDON_NEEDED, start: never.start } });
+  await auto.restore({ id: 'r2', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image });
+  t.same(never.seen, [], 'auto: not tried');
+  t.match(lines.find((l) => l.msg === 'lazy pages not used' && l.id === 'r2'), { reason: /cannot restore lazily/ });
+  await auto.restore({ id: 'r3', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image, lazyPages: 'off' });
+  t.same(never.seen, [], 'off per restore');
+  t.match(lines.find((l) => l.msg === 'lazy pages not used' && l.id === 'r3'), { reason: 'lazy pages are off' });
+  t.notOk(calls().some((c) => c[0] === 'delete'), 'nothing to kill');
+});
+
+t.test('no plain restore after a lazy failure when it would be wrong: bad checksum, tasks not killed, failed CUDA restore', async (t) => {
+  // The pages differ from the manifest: restoring the same bytes again would not help.
+  {
+    const lazy = fakeLazy();
+    const { engine, plan, calls, bundle, dir, containerDir } = setup(t, { lazyPages: 'on', lazyPagesTuning: { ...NO_ADDON_NEEDED, start: lazy.start } });
+    const image = lazyImage(dir, false);
+    plan('restore', { files: { 'pid-file': `${liveProcess(t)}\n` } });
+    const restoring = engine.restore({ id: 'bad', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image });
+    await lazy.finish(new PageServerError('DataLoss', 'pages-1.img: checksum differs', { phase: 'verify', pids: [1], killed: true }));
+    await t.rejects(restoring, { name: 'PageServerError', code: 'DataLoss', phase: 'verify' });
+    t.equal(calls().filter((c) => c[0] === 'restore').length, 1, 'no second restore');
+    t.notOk(existsSync(containerDir('bad')), 'nothing left');
+  }
+  // The kill hook failed: the half-restored tasks may live, with their uffds open.
+  {
+    const lazy = fakeLazy({ failRestore: new PageServerError('Unavailable', 'lazy restore failed: CRIU hung up', { phase: 'receive', pids: [1], killed: false }) });
+    const { engine, plan, calls, bundle, dir } = setup(t, { lazyPages: 'on', lazyPagesTuning: { ...NO_ADDON_NEEDED, start: lazy.start } });
+    const image = lazyImage(dir, false);
+    plan('restore', { files: { 'pid-file': `${liveProcess(t)}\n` } });
+    await t.rejects(engine.restore({ id: 'alive', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image }), { code: 'Internal', message: /could not be killed/ });
+    t.equal(calls().filter((c) => c[0] === 'restore').length, 1, 'no second restore');
+  }
+  // The CUDA restore failed on its own: the fill is aborted, that failure is reported.
+  {
+    const lazy = fakeLazy();
+    const { engine, gpu, plan, calls, bundle, dir, containerDir } = setup(t, { lazyPages: 'on', lazyPagesTuning: { ...NO_ADDON_NEEDED, start: lazy.start } });
+    const image = lazyImage(dir, true);
+    plan('restore', { files: { 'pid-file': `${liveProcess(t)}\n` } });
+    plan('ps', { stdout: '[1]' });
+    gpu.failAfterRestore = true;
+    await t.rejects(engine.restore({ id: 'cuda', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image }), { message: 'CUDA restore failed' });
+    t.equal(lazy.aborted, 1, 'the fill was aborted');
+    t.equal(calls().filter((c) => c[0] === 'restore').length, 1, 'no second restore');
+    t.same(calls().at(-1), ['delete', '--force', runtimeIdFor('cuda')], 'the container is removed');
+    t.notOk(existsSync(containerDir('cuda')));
+  }
+  // A failed runc restore --lazy-pages (the real startLazyRestore kills, then rejects): plain restore.
+  {
+    const lazy = fakeLazy({ failRestore: new PageServerError('Unknown', 'lazy restore failed: runc restore failed', { phase: 'restore', pids: [], killed: true }) });
+    const { engine, plan, calls, bundle, dir } = setup(t, { lazyPages: 'on', lazyPagesTuning: { ...NO_ADDON_NEEDED, start: lazy.start } });
+    const image = lazyImage(dir, false);
+    const pid = liveProcess(t);
+    plan('restore', { files: { 'pid-file': `${pid}\n` } });
+    plan('state', { stdout: JSON.stringify({ id: 'x', pid, status: 'running', bundle: '/b' }) });
+    t.equal((await engine.restore({ id: 'again', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image })).pid, pid);
+    t.same(
+      calls().map((c) => [c[0], c.includes('--lazy-pages')]),
+      [
+        ['restore', true],
+        ['delete', false],
+        ['restore', false],
+        ['state', false],
+      ],
+    );
+  }
 });
