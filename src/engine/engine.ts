@@ -3,6 +3,9 @@
  * with runsc, `native.ts` with runc + CRIU. Ids given to an engine are thaw's container ids
  * (validated by `validateContainerId`); each engine maps them to its runtime's own ids.
  */
+import type { ImageChecksum } from '../restore/pages.js';
+import type { ManifestFile } from '../snapshot/manifest.js';
+
 export type EngineName = 'gvisor' | 'native';
 
 /** One stdio slot of the container's init process: an open fd, or nothing. */
@@ -23,6 +26,12 @@ export interface CreateOptions {
 export interface RestoreOptions extends CreateOptions {
   /** Directory holding the runtime's checkpoint image files. */
   imageDir: string;
+  /**
+   * Expected checksums (by absolute path) of the files the engine said it verifies itself while
+   * restoring (`selfVerifiedFiles`); the restore fails if they do not match. Absent: the bytes were
+   * verified before (or verification is off).
+   */
+  pageChecksums?: ReadonlyMap<string, ImageChecksum>;
 }
 
 export interface CheckpointOptions {
@@ -104,6 +113,13 @@ export interface Engine {
    * Must be followed by `restore` or `delete`.
    */
   prepareRestore(opts: CreateOptions): Promise<void>;
+  /**
+   * Of a snapshot's files, those this engine reads and checks itself while it restores (the native
+   * engine's lazy-pages server hashes the page images as it fills them): the lifecycle neither stages
+   * nor pre-verifies them and passes their checksums instead, so those bytes are read once. Absent
+   * or empty: the lifecycle verifies everything before the restore.
+   */
+  selfVerifiedFiles?(files: readonly ManifestFile[]): Promise<ManifestFile[]>;
   /** Restores `imageDir` into the container `opts.id`; the app runs when this resolves. */
   restore(opts: RestoreOptions): Promise<EngineState>;
   checkpoint(id: string, opts: CheckpointOptions): Promise<void>;

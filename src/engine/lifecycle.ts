@@ -8,6 +8,7 @@ import type { ThawConfig } from '../config/config.js';
 import type { SnapshotStore } from '../snapshot/store.js';
 import { collectKeyInputs, computeKey, type GpuIdentity, type KeyInputs } from '../snapshot/key.js';
 import type { RestoreStager, StageResult } from '../restore/engine.js';
+import { checksumsFromManifest, type ImageChecksum } from '../restore/pages.js';
 import type { ContainerRecords, ContainerRecord } from './records.js';
 import type { Engine, EngineName, EngineState, StdioFds } from './engine.js';
 import { validateContainerId } from './container-id.js';
@@ -42,7 +43,14 @@ export interface Plan {
 /** A created container, not yet started; restore is a distinct kind, not a flag. */
 export type Prepared =
   | { kind: 'cold'; plan: Plan; state: EngineState }
-  | { kind: 'restore'; plan: Plan; staging: Promise<StageResult>; imageDir: string };
+  | {
+      kind: 'restore';
+      plan: Plan;
+      staging: Promise<StageResult>;
+      imageDir: string;
+      /** Checksums the engine checks while it restores (files it reads itself, left out of staging). */
+      pageChecksums: ReadonlyMap<string, ImageChecksum> | undefined;
+    };
 
 export interface Started {
   record: ContainerRecord;
@@ -129,8 +137,13 @@ export class Lifecycle {
     }
     const snapshot = await this.deps.store.get(decision.snapshot);
     if (!snapshot) return this.#fallBackAtCreate(plan, 'snapshot disappeared before create');
+    // Files the engine verifies while it restores are read once, by the restore, not staged first.
+    const selfVerified = (await engine.selfVerifiedFiles?.(snapshot.manifest.files)) ?? [];
+    const selfPaths = new Set(selfVerified.map((f) => f.path));
+    const verify = this.deps.config.restore.verify;
+    const pageChecksums = verify && selfVerified.length > 0 ? checksumsFromManifest(snapshot.dir, selfVerified) : undefined;
     const staging = timer.phase('stage', () =>
-      this.deps.stager.stage({ snapshotDir: snapshot.dir, files: snapshot.manifest.files, verify: this.deps.config.restore.verify }),
+      this.deps.stager.stage({ snapshotDir: snapshot.dir, files: snapshot.manifest.files.filter((f) => !selfPaths.has(f.path)), verify }),
     );
     staging.catch(() => undefined); // observed in start(); avoid an unhandled rejection meanwhile
     try {
@@ -139,7 +152,7 @@ export class Lifecycle {
       await staging.catch(() => undefined);
       throw err;
     }
-    return { kind: 'restore', plan, staging, imageDir: join(snapshot.dir, 'image') };
+    return { kind: 'restore', plan, staging, imageDir: join(snapshot.dir, 'image'), pageChecksums };
   }
 
   async #fallBackAtCreate(plan: Plan, reason: string): Promise<Prepared> {
@@ -166,6 +179,7 @@ export class Lifecycle {
             stdio: request.stdio,
             consoleSocket: request.consoleSocket,
             imageDir: prepared.imageDir,
+            ...(prepared.pageChecksums !== undefined ? { pageChecksums: prepared.pageChecksums } : {}),
           }),
         );
         await this.deps.store.recordRestore(plan.decision.key, timer.timings).catch((err: unknown) => {

@@ -33,6 +33,7 @@
  *   fills; any page server failure kills the half-restored container and restores plainly
  *   (docs/pages-restore.md, "The native engine").
  */
+import type { ManifestFile } from '../snapshot/manifest.js';
 import { spawn } from 'node:child_process';
 import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync, readdirSync, readlinkSync, rmdirSync } from 'node:fs';
 import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
@@ -45,6 +46,7 @@ import { PhaseTimer, silentLogger, type Logger } from '../log/logger.js';
 import {
   PageServerError,
   lazyPagesAvailable,
+  verifyImageFiles,
   startLazyRestore,
   type ImageChecksum,
   type LazyPagesOptions,
@@ -120,15 +122,8 @@ export type NativeLazyPagesTuning = Pick<
   start?: (opts: LazyPagesOptions & { hooks: LazyRestoreHooks }) => Promise<LazyRestore>;
 };
 
-/** What `NativeEngine.restore` takes beyond the Engine's RestoreOptions. */
+/** What `NativeEngine.restore` takes beyond the Engine's RestoreOptions (whose `pageChecksums` the page server checks while it fills). */
 export interface NativeRestoreOptions extends RestoreOptions {
-  /**
-   * Expected checksums of the image files (`checksumsFromManifest(snapshot.dir, manifest.files)`):
-   * the page server verifies the pages it serves while it fills, and the restore succeeds only if
-   * they match. Leave out when the image was verified before this restore (the stager does that
-   * when `restore.verify` is on): the bytes need checking once.
-   */
-  pageChecksums?: ReadonlyMap<string, ImageChecksum>;
   /** Overrides the engine's `lazyPages` for this restore. */
   lazyPages?: LazyPagesMode;
 }
@@ -136,6 +131,8 @@ export interface NativeRestoreOptions extends RestoreOptions {
 /** Directories in the container's state dir for CRIU's restore log (and the page server's socket). */
 const PLAIN_WORK_DIR = 'restore-work';
 const LAZY_WORK_DIR = 'restore-work-lazy';
+/** CRIU's page images, relative to the snapshot dir (image/pages-1.img). */
+const PAGES_IMAGE = /(^|\/)pages-\d+\.img$/;
 /** How long the kill of a failed restore may take before it counts as failed. */
 const KILL_TIMEOUT_MS = 10_000;
 
@@ -324,6 +321,10 @@ export class NativeEngine implements Engine {
         if (lazy.restored) mode = 'lazy';
         else {
           log.warn({ phase: 'lazy-pages', fallback: 'restore', reason: lazy.reason, err: lazy.err }, 'restoring without lazy pages');
+          // The lifecycle left these files to the page server, which gave up before checking them all.
+          if (opts.pageChecksums !== undefined && opts.pageChecksums.size > 0) {
+            await timer.phase('verify-pages', () => verifyImageFiles(opts.pageChecksums!, this.#lazyTuning.binding));
+          }
           // The killed tasks held the recorded host pids until pid 1 reaps them.
           if (image?.hostPidNamespace) await this.#waitForPidsFree(image.pids, opts.imageDir);
         }
@@ -338,6 +339,12 @@ export class NativeEngine implements Engine {
     cleanup.release();
     log.info({ phase: 'restore', mode, durationMs: timer.elapsed(), timings: timer.timings }, 'native restore done');
     return this.state(opts.id);
+  }
+
+  /** With lazy pages, the page server reads and checks the page images itself (pages-N.img). */
+  async selfVerifiedFiles(files: readonly ManifestFile[]): Promise<ManifestFile[]> {
+    if (!(await this.#lazyPagesWanted(this.#lazyPages)).use) return [];
+    return files.filter((f) => PAGES_IMAGE.test(f.path));
   }
 
   /** Whether to try lazy pages, or why not. */

@@ -46,6 +46,7 @@ export async function openRuntime(config: ThawConfig, log: Logger): Promise<Runt
         log,
         namespace,
         gpu: gpu(),
+        lazyPages: config.restore.lazyPages,
       });
     }
     if (e) cache.set(k, e);

@@ -224,19 +224,7 @@ export class LazyPageServer implements AsyncDisposable {
     }
     if (verify === 'before') {
       const t0 = performance.now();
-      const cancelFd = b.createCancel();
-      try {
-        await Promise.all(
-          [...new Set([...plans.values()].map((p) => p.pagesPath))].map(async (path) => {
-            const got = await b.hashFile(path, cancelFd).catch((err: unknown) => {
-              throw fromUffdError(err, 'hash');
-            });
-            compareHash(path, got.hash, got.bytes, opts.checksums, 'verify-before');
-          }),
-        );
-      } finally {
-        b.close(cancelFd);
-      }
+      await hashAndCompare(b, [...new Set([...plans.values()].map((p) => p.pagesPath))], opts.checksums);
       log.debug({ phase: 'lazy-pages-verify-before', durationMs: Math.round(performance.now() - t0) }, 'pages files verified');
     }
     const socketPath = join(opts.workDir, LAZY_PAGES_SOCKET);
@@ -441,6 +429,33 @@ async function checkSmallImage(path: string, bytes: Uint8Array, checksums: Reado
       killed: false,
     });
   }
+}
+
+/** Hashes each file (the addon, in parallel) and compares it with its checksum; DataLoss on a mismatch. */
+async function hashAndCompare(b: UffdBinding, paths: readonly string[], checksums: ReadonlyMap<string, ImageChecksum> | undefined): Promise<void> {
+  const cancelFd = b.createCancel();
+  try {
+    await Promise.all(
+      paths.map(async (path) => {
+        const got = await b.hashFile(path, cancelFd).catch((err: unknown) => {
+          throw fromUffdError(err, 'hash');
+        });
+        compareHash(path, got.hash, got.bytes, checksums, 'verify-before');
+      }),
+    );
+  } finally {
+    b.close(cancelFd);
+  }
+}
+
+/**
+ * Checks image files against their checksums before a plain restore uses them: for when a lazy
+ * restore, which would have checked them while filling, gave up part-way.
+ */
+export async function verifyImageFiles(checksums: ReadonlyMap<string, ImageChecksum>, binding?: UffdBinding): Promise<void> {
+  const avail = lazyPagesAvailable(binding);
+  if (!avail.ok) throw new PageServerError('Unavailable', `cannot verify ${[...checksums.keys()].join(', ')}: ${avail.reason}`, { phase: 'verify-before', pids: [], killed: false });
+  await hashAndCompare(avail.binding, [...checksums.keys()], checksums);
 }
 
 function compareHash(path: string, hash: string, bytes: number, checksums: ReadonlyMap<string, ImageChecksum> | undefined, phase: PagePhase): void {

@@ -727,3 +727,11 @@ t.test('no plain restore after a lazy failure when it would be wrong: bad checks
     );
   }
 });
+
+t.test('selfVerifiedFiles: the page images when lazy pages will be used, nothing otherwise', async (t) => {
+  const files = ['image/pages-1.img', 'image/pages-12.img', 'image/pagemap-1.img', 'image/core-1.img', 'thaw-image.json'].map((path) => ({ path, bytes: 1, hash: '0', algo: 'xxh64' }));
+  const on = setup(t, { lazyPages: 'on', lazyPagesTuning: { ...NO_ADDON_NEEDED } });
+  t.same((await on.engine.selfVerifiedFiles(files)).map((f) => f.path), ['image/pages-1.img', 'image/pages-12.img']);
+  const off = setup(t, { lazyPages: 'off', lazyPagesTuning: { ...NO_ADDON_NEEDED } });
+  t.same(await off.engine.selfVerifiedFiles(files), [], 'off: the lifecycle verifies everything itself');
+});

@@ -11,6 +11,7 @@ import {
   LazyPageServer,
   PageServerError,
   startLazyRestore,
+  verifyImageFiles,
   type ImageChecksum,
   type LazyRestoreHooks,
 } from '../../src/restore/pages.js';
@@ -216,3 +217,15 @@ if (skip) {
     });
   }
 }
+
+t.test('verifyImageFiles: the real addon hashes each file; a changed byte is DataLoss', { skip: load.binding === null ? 'page server addon not built' : false }, async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'thaw-verify-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  await writeFile(join(dir, 'pages-1.img'), Buffer.alloc(3 << 20, 9));
+  await writeFile(join(dir, 'pages-2.img'), Buffer.alloc(1 << 20, 1));
+  const sums = await checksums(dir);
+  await verifyImageFiles(sums);
+  await writeFile(join(dir, 'pages-2.img'), Buffer.alloc(1 << 20, 2));
+  await t.rejects(verifyImageFiles(sums), { code: 'DataLoss', message: /pages-2\.img: checksum .* does not match/ });
+  await t.rejects(verifyImageFiles(new Map([[join(dir, 'pages-1.img'), { bytes: 1, hash: '0', algo: 'sha256' }]])), /checksum/, 'another algorithm cannot be checked');
+});
