@@ -26,15 +26,18 @@ import os from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { Command, Option } from 'commander';
 import { execa } from 'execa';
 import { buildBundle } from '../../src/bundle/bundle.js';
+import { commaChoices, gibSizes, nonNegativeInt, positiveInt, positiveNumber } from '../common/options.js';
 
 const REPO = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 const THAW = join(REPO, 'bin', 'thaw');
 const APP_SOURCE = join(REPO, 'demo', 'app', 'thaw-demo-app.c');
 const FLOOR_SOURCE = join(REPO, 'bench', 'cpu-restore', 'floor.c');
 
-type Cache = 'cold' | 'warm';
+const CACHES = ['cold', 'warm'] as const;
+type Cache = (typeof CACHES)[number];
 type Variant = 'cold-start' | 'naive-default' | 'naive-uncompressed' | 'thaw' | 'floor' | 'floor-read' | 'floor-touch';
 const VARIANTS: readonly Variant[] = ['cold-start', 'naive-default', 'naive-uncompressed', 'thaw', 'floor', 'floor-read', 'floor-touch'];
 
@@ -92,76 +95,21 @@ const log = (msg: string): void => {
 };
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = {
-    sizes: [1, 4],
-    runs: 5,
-    caches: ['cold', 'warm'],
-    variants: [...VARIANTS],
-    json: false,
-    work: '/var/tmp/thaw-bench-cpu-restore',
-    initMs: 0,
-    tickMs: 10,
-    out: undefined,
-    keep: false,
-    maxLoad: undefined,
-  };
-  for (let i = 0; i < argv.length; i++) {
-    const flag = argv[i]!;
-    const value = (): string => {
-      const v = argv[++i];
-      if (v === undefined) throw new Error(`${flag} needs a value`);
-      return v;
-    };
-    switch (flag) {
-      case '--sizes':
-        a.sizes = value().split(',').map(Number);
-        if (a.sizes.some((s) => !(s > 0))) throw new Error('--sizes: GiB values > 0, comma-separated');
-        break;
-      case '--runs':
-        a.runs = Number(value());
-        if (!Number.isInteger(a.runs) || a.runs < 1) throw new Error('--runs: a positive integer');
-        break;
-      case '--caches':
-        a.caches = value().split(',') as Cache[];
-        if (a.caches.some((c) => c !== 'cold' && c !== 'warm')) throw new Error('--caches: cold,warm');
-        break;
-      case '--variants':
-        a.variants = value().split(',') as Variant[];
-        if (a.variants.some((v) => !VARIANTS.includes(v))) throw new Error(`--variants: some of ${VARIANTS.join(',')}`);
-        break;
-      case '--json':
-        a.json = true;
-        break;
-      case '--work':
-        a.work = value();
-        break;
-      case '--init-ms':
-        a.initMs = Number(value());
-        break;
-      case '--tick-ms':
-        a.tickMs = Number(value());
-        break;
-      case '--out':
-        a.out = value();
-        break;
-      case '--keep':
-        a.keep = true;
-        break;
-      case '--max-load':
-        a.maxLoad = Number(value());
-        break;
-      case '-h':
-      case '--help':
-        process.stdout.write(
-          'usage: cpu-restore [--sizes 1,4] [--runs 5] [--caches cold,warm] [--variants LIST] [--json] [--out FILE]\n' +
-            '                   [--work DIR] [--init-ms 0] [--tick-ms 10] [--keep] [--max-load L]\n',
-        );
-        process.exit(0);
-      default:
-        throw new Error(`unknown flag ${flag}`);
-    }
-  }
-  return a;
+  return new Command('cpu-restore')
+    .description('Time until a container with N GiB of touched memory serves again: cold start, naive runsc restore, thaw, the floor')
+    .addOption(new Option('--sizes <gib,...>', 'memory the app touches, GiB').argParser(gibSizes).default([1, 4], '1,4'))
+    .option('--runs <n>', 'runs per variant and cache (median reported)', positiveInt, 5)
+    .addOption(new Option('--caches <list>', 'page-cache states, comma-separated').argParser(commaChoices(CACHES)).default([...CACHES], CACHES.join(',')))
+    .addOption(new Option('--variants <list>', `variants to measure, some of ${VARIANTS.join(',')}`).argParser(commaChoices(VARIANTS)).default([...VARIANTS], 'all'))
+    .option('--json', 'print the report as JSON instead of the table', false)
+    .option('--out <file>', 'also write the JSON report to this file')
+    .option('--work <dir>', 'work directory (bundles, images, tools)', '/var/tmp/thaw-bench-cpu-restore')
+    .option('--init-ms <ms>', "the demo app's start-up delay", nonNegativeInt, 0)
+    .option('--tick-ms <ms>', "the demo app's tick interval", positiveInt, 10)
+    .option('--keep', 'keep the work directory of each size', false)
+    .option('--max-load <load>', 'before each sample, wait (up to 5 min) for the 1-minute load average to drop below this', positiveNumber)
+    .parse(argv, { from: 'user' })
+    .opts<Args>();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ import { spawn } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { appendFile, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { Command, Option } from 'commander';
 import { execa } from 'execa';
 import { CudaCheckpoint } from '../../src/gpu/cuda-checkpoint.js';
 import { GpuDriver, type GpuSnapshotRecord } from '../../src/gpu/driver.js';
+import { commaList, jsonArray, positiveNumber } from '../common/options.js';
 
 /** thaw: GpuDriver; naive: thaw-cuda restore + unlock of the init pid; naive-noinit: the same without cuInit. */
 type RestoreKind = 'thaw' | 'naive' | 'naive-noinit';
@@ -469,25 +471,22 @@ async function restoreOnce(
 
 // ---- main ----
 function parseArgs(argv: string[]): Args {
-  const get = (k: string, d?: string): string => {
-    const i = argv.indexOf(`--${k}`);
-    const v = i >= 0 ? argv[i + 1] : d;
-    if (v === undefined) throw new Error(`--${k} is required`);
-    return v;
-  };
-  const cases = JSON.parse(get('cases')) as CaseSpec[];
-  return {
-    out: get('out'),
-    work: get('work'),
-    runc: get('runc'),
-    criu: get('criu'),
-    thawCuda: get('thaw-cuda'),
-    python: get('python'),
-    workload: get('workload'),
-    binds: get('binds', '').split(',').filter((b) => b !== ''),
-    deadline: Date.now() + Number(get('budget-s', '540')) * 1000,
-    cases,
-  };
+  const o = new Command('flow')
+    .description('GPU snapshot benchmark flows in runc containers (driven by bench/gpu/run-all.sh)')
+    .requiredOption('--out <dir>', 'results directory (results.json, flow.log, container.log)')
+    .requiredOption('--work <dir>', 'work directory (bundles, images, the command channel)')
+    .requiredOption('--runc <path>', 'runc binary')
+    .requiredOption('--criu <path>', 'criu binary (or wrapper)')
+    .requiredOption('--thaw-cuda <path>', 'thaw-cuda binary')
+    .requiredOption('--python <path>', 'python for the workload')
+    .requiredOption('--workload <file>', 'bench/gpu/workload.py')
+    .requiredOption('--cases <json>', 'JSON array of cases ({name, mode, gib, reps, coldStarts, kinds, caches, ...})', jsonArray<CaseSpec>)
+    .addOption(new Option('--binds <dir,...>', 'host mounts to bind into the container at the same path').argParser(commaList).default([], 'none'))
+    .option('--budget-s <s>', 'time budget; steps that would not fit are skipped', positiveNumber, 540)
+    .parse(argv, { from: 'user' })
+    .opts<Omit<Args, 'deadline'> & { budgetS: number }>();
+  const { budgetS, ...rest } = o;
+  return { ...rest, deadline: Date.now() + budgetS * 1000 };
 }
 
 async function main(): Promise<void> {

@@ -5,16 +5,15 @@
  *
  *   npm run build && node dist/bench/io/io-bench.js [--size-gib 2] [--repeats 5] [--json]
  *
- * Options: --file PATH (default: a fresh file under /var/tmp, removed afterwards unless --keep),
- * --dst-dir DIR (copy destination, default /dev/shm), --caches cold,warm, --only REGEX (case names),
- * --block-size BYTES, --queue-depth N (default: each backend's own), --json (JSON on stdout instead of
- * the table). Progress goes to stderr.
+ * Other options (--file, --dst-dir, --caches, --only, --block-size, --queue-depth, --keep): --help.
+ * Progress goes to stderr.
  */
 import { randomFillSync } from 'node:crypto';
 import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { copyFile, mkdir, open, rm } from 'node:fs/promises';
 import { cpus, loadavg, release, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
+import { Command, Option } from 'commander';
 import { execa } from 'execa';
 import {
   DEFAULT_QUEUE_DEPTH,
@@ -24,8 +23,10 @@ import {
   type IoBackendName,
   type IoOptions,
 } from '../../src/restore/io.js';
+import { commaChoices, positiveInt, positiveNumber, regex } from '../common/options.js';
 
-type Cache = 'cold' | 'warm';
+const CACHES = ['cold', 'warm'] as const;
+type Cache = (typeof CACHES)[number];
 
 interface Args {
   file: string | undefined;
@@ -59,64 +60,20 @@ interface CaseResult {
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = {
-    file: undefined,
-    sizeGib: 2,
-    repeats: 5,
-    dstDir: '/dev/shm',
-    caches: ['cold', 'warm'],
-    only: undefined,
-    blockSize: undefined,
-    queueDepth: undefined,
-    json: false,
-    keep: false,
-  };
-  for (let i = 0; i < argv.length; i++) {
-    const flag = argv[i]!;
-    const value = (): string => {
-      const v = argv[++i];
-      if (v === undefined) throw new Error(`${flag} needs a value`);
-      return v;
-    };
-    switch (flag) {
-      case '--file':
-        a.file = value();
-        break;
-      case '--size-gib':
-        a.sizeGib = Number(value());
-        break;
-      case '--repeats':
-        a.repeats = Number(value());
-        break;
-      case '--dst-dir':
-        a.dstDir = value();
-        break;
-      case '--caches':
-        a.caches = value()
-          .split(',')
-          .filter((c): c is Cache => c === 'cold' || c === 'warm');
-        break;
-      case '--only':
-        a.only = new RegExp(value());
-        break;
-      case '--block-size':
-        a.blockSize = Number(value());
-        break;
-      case '--queue-depth':
-        a.queueDepth = Number(value());
-        break;
-      case '--json':
-        a.json = true;
-        break;
-      case '--keep':
-        a.keep = true;
-        break;
-      default:
-        throw new Error(`unknown flag ${flag}`);
-    }
-  }
-  if (!(a.sizeGib > 0) || !Number.isInteger(a.repeats) || a.repeats < 1) throw new Error('bad --size-gib or --repeats');
-  return a;
+  return new Command('io-bench')
+    .description("Reads and copies one large file with each of thaw's I/O backends and with dd, cat and Node, cold and warm cache")
+    .option('--file <path>', 'file to read (default: a fresh file under /var/tmp, removed afterwards unless --keep)')
+    .option('--size-gib <gib>', 'size of the fresh file', positiveNumber, 2)
+    .option('--repeats <n>', 'runs per case and cache (median reported)', positiveInt, 5)
+    .option('--dst-dir <dir>', 'copy destination directory', '/dev/shm')
+    .addOption(new Option('--caches <list>', 'page-cache states, comma-separated (cold needs root)').argParser(commaChoices(CACHES)).default([...CACHES], CACHES.join(',')))
+    .option('--only <regex>', 'run only the cases whose names match', regex)
+    .option('--block-size <bytes>', "read size (default: each backend's own)", positiveInt)
+    .option('--queue-depth <n>', "requests in flight (default: each backend's own)", positiveInt)
+    .option('--json', 'JSON on stdout instead of the table', false)
+    .option('--keep', 'keep the fresh file', false)
+    .parse(argv, { from: 'user' })
+    .opts<Args>();
 }
 
 const progress = (msg: string): void => void process.stderr.write(`[io-bench] ${msg}\n`);

@@ -21,10 +21,12 @@ import { spawn } from 'node:child_process';
 import { closeSync, existsSync, openSync, readFileSync, statSync, truncateSync } from 'node:fs';
 import { appendFile, mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { Command } from 'commander';
 import { execa } from 'execa';
 import { CudaCheckpoint } from '../../src/gpu/cuda-checkpoint.js';
 import type { FillOrder } from '../../src/restore/pages-image.js';
 import { startLazyRestore, type LazyPagesResult } from '../../src/restore/pages.js';
+import { jsonArray, positiveNumber } from '../common/options.js';
 
 type Kind = 'naive' | 'cuda-only' | 'thaw' | 'criu-lazy';
 interface CaseSpec {
@@ -47,21 +49,31 @@ interface CaseSpec {
 type Json = null | boolean | number | string | Json[] | { [k: string]: Json };
 type Row = Record<string, Json>;
 
-const argv = process.argv.slice(2);
-const arg = (k: string, d?: string): string => {
-  const i = argv.indexOf(`--${k}`);
-  const v = i >= 0 ? argv[i + 1] : d;
-  if (v === undefined) throw new Error(`--${k} is required`);
-  return v;
-};
-const out = arg('out');
-const workRoot = arg('work');
-const criuPath = arg('criu');
-const python = arg('python');
-const workload = arg('workload');
-const cuda = new CudaCheckpoint({ path: arg('thaw-cuda') });
-const deadline = Date.now() + Number(arg('budget-s', '500')) * 1000;
-const cases = JSON.parse(arg('cases')) as CaseSpec[];
+interface Args {
+  out: string;
+  work: string;
+  criu: string;
+  thawCuda: string;
+  python: string;
+  workload: string;
+  cases: CaseSpec[];
+  budgetS: number;
+}
+
+const { out, work: workRoot, criu: criuPath, python, workload, thawCuda, budgetS, cases } = new Command('pages-gpu')
+  .description('Overlapped restore on the GPU machine: naive, cuda-only, thaw and criu-lazy restores (run by bench/pages/gpu.sh)')
+  .requiredOption('--out <dir>', 'results directory (pages-gpu.json, pages-gpu.log)')
+  .requiredOption('--work <dir>', 'work directory (images, the command channel)')
+  .requiredOption('--criu <path>', 'criu binary (or wrapper)')
+  .requiredOption('--thaw-cuda <path>', 'thaw-cuda binary')
+  .requiredOption('--python <path>', 'python for the workload')
+  .requiredOption('--workload <file>', 'bench/gpu/workload.py')
+  .requiredOption('--cases <json>', 'JSON array of cases ({name, mode, gib, reps, kinds, caches, threads, orders, ...})', jsonArray<CaseSpec>)
+  .option('--budget-s <s>', 'time budget; restores that would not fit are skipped', positiveNumber, 500)
+  .parse(process.argv)
+  .opts<Args>();
+const cuda = new CudaCheckpoint({ path: thawCuda });
+const deadline = Date.now() + budgetS * 1000;
 const rows: Row[] = [];
 
 const now = () => Date.now() / 1000;

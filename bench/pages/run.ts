@@ -18,12 +18,18 @@ import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { availableParallelism, loadavg } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { Command, Option } from 'commander';
 import { execa } from 'execa';
 import { startLazyRestore, type LazyPagesResult } from '../../src/restore/pages.js';
 import type { FillOrder } from '../../src/restore/pages-image.js';
+import { commaChoices, gibSizes, positiveInt, positiveIntList } from '../common/options.js';
 
-type Mode = 'plain' | 'criu-lazy' | 'thaw';
-type Cache = 'warm' | 'cold';
+const MODES = ['plain', 'criu-lazy', 'thaw'] as const;
+type Mode = (typeof MODES)[number];
+const CACHES = ['warm', 'cold'] as const;
+type Cache = (typeof CACHES)[number];
+/** Every FillOrder, checked complete by the compiler. */
+const FILL_ORDERS = Object.keys({ file: 0, 'small-first': 0, 'large-first': 0 } satisfies Record<FillOrder, 0>) as FillOrder[];
 
 interface Args {
   gib: number[];
@@ -39,23 +45,22 @@ interface Args {
 }
 
 function parseArgs(argv: string[]): Args {
-  const get = (k: string, d: string): string => {
-    const i = argv.indexOf(`--${k}`);
-    return i >= 0 && argv[i + 1] !== undefined ? argv[i + 1]! : d;
-  };
   const here = dirname(fileURLToPath(import.meta.url));
-  return {
-    gib: get('gib', '1').split(',').map(Number),
-    reps: Number(get('reps', '3')),
-    modes: get('modes', 'plain,criu-lazy,thaw').split(',') as Mode[],
-    caches: get('caches', 'warm,cold').split(',') as Cache[],
-    threads: get('threads', String(Math.max(1, Math.min(8, availableParallelism() - 1)))).split(',').map(Number),
-    chunkKib: Number(get('chunk-kib', '1024')),
-    order: get('order', 'file') as FillOrder,
-    criu: get('criu', '/opt/thaw/criu/bin/criu'),
-    work: get('work', '/var/tmp/thaw-pages-bench'),
-    out: get('out', join(here, 'results.json')),
-  };
+  const threads = Math.max(1, Math.min(8, availableParallelism() - 1));
+  return new Command('pages')
+    .description("Anonymous-memory restore with CRIU: plain criu restore vs CRIU's lazy-pages daemon vs thaw's page server")
+    .addOption(new Option('--gib <gib,...>', 'memory the app holds, GiB').argParser(gibSizes).default([1], '1'))
+    .option('--reps <n>', 'restores per mode and cache', positiveInt, 3)
+    .addOption(new Option('--modes <list>', 'restore modes, comma-separated').argParser(commaChoices(MODES)).default([...MODES], MODES.join(',')))
+    .addOption(new Option('--caches <list>', 'page-cache states, comma-separated').argParser(commaChoices(CACHES)).default([...CACHES], CACHES.join(',')))
+    .addOption(new Option('--threads <n,...>', "thaw's page server threads to try").argParser(positiveIntList).default([threads], `${threads} (cores - 1, at most 8)`))
+    .option('--chunk-kib <kib>', "thaw's read size", positiveInt, 1024)
+    .addOption(new Option('--order <order>', "thaw's fill order").choices(FILL_ORDERS).default('file'))
+    .option('--criu <path>', 'criu binary', '/opt/thaw/criu/bin/criu')
+    .option('--work <dir>', 'work directory (removed first)', '/var/tmp/thaw-pages-bench')
+    .option('--out <file>', 'results JSON', join(here, 'results.json'))
+    .parse(argv, { from: 'user' })
+    .opts<Args>();
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

@@ -13,6 +13,7 @@
 import { chmod, mkdir, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { Command } from 'commander';
 import {
   ContainerdHarness,
   THAW_RUNTIME,
@@ -23,6 +24,7 @@ import {
   type CommandResult,
 } from '../../test/helpers/containerd.js';
 import { buildOciImage, buildRootfs } from '../../test/helpers/oci-image.js';
+import { positiveInt } from '../common/options.js';
 
 const IMAGE = 'localhost/thaw-bench-true:1';
 
@@ -50,14 +52,22 @@ function stats(samples: readonly Sample[]): Stats {
 
 const round = (n: number): number => Math.round(n * 10) / 10;
 
-function arg(name: string, dflt: string): string {
-  const i = process.argv.indexOf(name);
-  return i > 0 ? (process.argv[i + 1] ?? dflt) : dflt;
+interface Args {
+  runs: number;
+  out: string | undefined;
+}
+
+function parseArgs(argv: string[]): Args {
+  return new Command('shim-overhead')
+    .description("ctr run --rm through thaw's shim vs containerd's runc shim driving runsc; shim RSS and short-lived verb costs")
+    .option('--runs <n>', 'measured runs per shim after one warm-up (median reported)', positiveInt, 10)
+    .option('--out <file>', 'also write the JSON results to this file')
+    .parse(argv, { from: 'user' })
+    .opts<Args>();
 }
 
 async function main(): Promise<void> {
-  const runs = Number(arg('--runs', '10'));
-  const out = arg('--out', '');
+  const { runs, out } = parseArgs(process.argv.slice(2));
   const cleanups: (() => Promise<void>)[] = [];
   const h = await ContainerdHarness.start((fn) => cleanups.push(fn), { prefix: 'thaw-bench-' });
   try {
