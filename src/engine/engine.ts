@@ -27,9 +27,9 @@ export interface RestoreOptions extends CreateOptions {
   /** Directory holding the runtime's checkpoint image files. */
   imageDir: string;
   /**
-   * Expected checksums (by absolute path) of the files the engine said it verifies itself while
-   * restoring (`selfVerifiedFiles`); the restore fails if they do not match. Absent: the bytes were
-   * verified before (or verification is off).
+   * Expected checksums (by absolute path) of the snapshot's files, given when the engine verifies
+   * some of them itself while restoring (`selfVerifiedFiles`); the restore fails if they do not
+   * match. Absent: the bytes were verified before (or verification is off).
    */
   pageChecksums?: ReadonlyMap<string, ImageChecksum>;
 }

@@ -141,7 +141,8 @@ export class Lifecycle {
     const selfVerified = (await engine.selfVerifiedFiles?.(snapshot.manifest.files)) ?? [];
     const selfPaths = new Set(selfVerified.map((f) => f.path));
     const verify = this.deps.config.restore.verify;
-    const pageChecksums = verify && selfVerified.length > 0 ? checksumsFromManifest(snapshot.dir, selfVerified) : undefined;
+    // Every file's checksum: the page server also checks the small images it parses (pagemap, mm).
+    const pageChecksums = verify && selfVerified.length > 0 ? checksumsFromManifest(snapshot.dir, snapshot.manifest.files) : undefined;
     const staging = timer.phase('stage', () =>
       this.deps.stager.stage({ snapshotDir: snapshot.dir, files: snapshot.manifest.files.filter((f) => !selfPaths.has(f.path)), verify }),
     );

@@ -322,9 +322,8 @@ export class NativeEngine implements Engine {
         else {
           log.warn({ phase: 'lazy-pages', fallback: 'restore', reason: lazy.reason, err: lazy.err }, 'restoring without lazy pages');
           // The lifecycle left these files to the page server, which gave up before checking them all.
-          if (opts.pageChecksums !== undefined && opts.pageChecksums.size > 0) {
-            await timer.phase('verify-pages', () => verifyImageFiles(opts.pageChecksums!, this.#lazyTuning.binding));
-          }
+          const unchecked = new Map([...(opts.pageChecksums ?? [])].filter(([path]) => PAGES_IMAGE.test(path)));
+          if (unchecked.size > 0) await timer.phase('verify-pages', () => verifyImageFiles(unchecked, this.#lazyTuning.binding));
           // The killed tasks held the recorded host pids until pid 1 reaps them.
           if (image?.hostPidNamespace) await this.#waitForPidsFree(image.pids, opts.imageDir);
         }
