@@ -1,6 +1,7 @@
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ShimError } from '../errors.js';
+import { presentCriToRunsc } from '../bundle/cri.js';
 import { silentLogger, type Logger } from '../log/logger.js';
 import { Runsc, type RunscOptions } from '../runsc/runsc.js';
 import { bestCheckpointFlags, bestRestoreFlags, type ImageFormat } from '../runsc/probe.js';
@@ -99,6 +100,8 @@ export class GvisorEngine implements Engine {
     const rid = this.#rid(opts.id);
     const gpu = await planForBundle(opts.bundle, await this.runsc.capabilities(), this.#config);
     if (gpu.kind !== 'none') await addThawCudaMount(opts.bundle, gpu.hostTool);
+    // A CRI pod container gets a runsc sandbox of its own (in the pod's netns) instead of joining CRI's sandbox id.
+    await presentCriToRunsc(opts.bundle);
     await this.runsc.create(rid, { bundle: opts.bundle, stdio: opts.stdio, consoleSocket: opts.consoleSocket, signal: opts.signal });
     return this.state(opts.id);
   }

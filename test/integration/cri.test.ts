@@ -14,18 +14,14 @@ import http from 'node:http';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import t from 'tap';
-import { ContainerdHarness, commandExists, integrationSkipReason, until } from '../helpers/containerd.js';
+import { ORIGINAL_CRI_ANNOTATION_PREFIX } from '../../src/bundle/cri.js';
+import { ContainerdHarness, commandExists, integrationSkipReason, runCommand, until } from '../helpers/containerd.js';
 import { buildDemoImage, buildOciImage, buildRootfs, imageToolsMissing, ticksOf } from '../helpers/oci-image.js';
 
 const PROTO = fileURLToPath(new URL('../fixtures/cri/api.proto', import.meta.url));
 const SANDBOX_IMAGE = 'localhost/thaw-it-pause:1';
 const APP_IMAGE = 'localhost/thaw-it-cri:1';
 const NS = 'k8s.io';
-/**
- * Remove once GvisorEngine gives each container its own sandbox (see the containers subtest);
- * with that change the subtest passed in full (app, logs, pod IP server, exit 143).
- */
-const CONTAINERS_TODO = 'GvisorEngine passes CRI sandbox-id annotations to runsc, which then looks for a sandbox of that name';
 
 type Grpc = typeof import('@grpc/grpc-js');
 type ProtoLoader = typeof import('@grpc/proto-loader');
@@ -61,6 +57,12 @@ function criClient({ grpc, loader }: { grpc: Grpc; loader: ProtoLoader }, socket
       fn.call(client, request, { deadline: new Date(Date.now() + timeoutMs) }, (err, res) => (err ? reject(err) : resolve(res)));
     });
   return { call, close: () => client.close() };
+}
+
+/** The host pid runsc reports for a container (its sandbox's process): equal pids, one sandbox. */
+async function runscPid(h: ContainerdHarness, rid: string): Promise<number> {
+  const r = await runCommand(h.runscBin, ['--root', path.join(h.thawState, 'runsc'), 'state', rid], { timeoutMs: 30_000 });
+  return (JSON.parse(r.out) as { pid: number }).pid;
 }
 
 function httpGet(url: string, timeoutMs = 5000): Promise<string> {
@@ -146,9 +148,10 @@ t.test('CRI: a pod through the thaw runtime handler', { skip: skip ?? false }, a
     (await cri.call('containerStatus', { containerId: id })).status as { state: string; exitCode: number; reason: string };
 
   // runsc treats a spec with io.kubernetes.cri.container-type=container as a member of the sandbox
-  // named by io.kubernetes.cri.sandbox-id; thaw's runtime ids are hashes, so `runsc create` fails
-  // with "cannot load sandbox" until the gVisor engine gives each container its own sandbox.
-  await t.test('containers in the pod: create, start, logs, a server on the pod IP, stop', { todo: CONTAINERS_TODO }, async (t) => {
+  // named by io.kubernetes.cri.sandbox-id (thaw's runtime ids are hashes: "cannot load sandbox");
+  // the gVisor engine hides those annotations from runsc (bundle/cri.ts), so every container gets
+  // a runsc sandbox of its own, started in the pod's network namespace.
+  await t.test('containers in the pod: create, start, logs, a server on the pod IP, stop', async (t) => {
     const created = await cri.call('createContainer', {
       podSandboxId: podId,
       config: containerConfig('app', ['/app', '--init-ms', '0', '--mib', '8', '--tick-ms', '100']),
@@ -166,6 +169,11 @@ t.test('CRI: a pod through the thaw runtime handler', { skip: skip ?? false }, a
     t.pass('the app container writes its CRI log');
     const addressOf = (id: string): Promise<string> => readFile(path.join(h.bundleOf(id, NS), 'address'), 'utf8');
     t.equal(await addressOf(appId), await addressOf(podId), "one shim serves the pod's containers (group = sandbox id)");
+    const sandboxPids = await Promise.all((await h.runscSandboxes()).map((rid) => runscPid(h, rid)));
+    t.equal(new Set(sandboxPids).size, 2, `the app runs in a runsc sandbox of its own (sandbox pids ${sandboxPids.join(', ')})`);
+    const appAnnotations = (JSON.parse(await readFile(path.join(h.bundleOf(appId, NS), 'config.json'), 'utf8')) as { annotations: Record<string, string> }).annotations;
+    t.notOk('io.kubernetes.cri.sandbox-id' in appAnnotations, 'runsc reads no sandbox id to join');
+    t.equal(appAnnotations[`${ORIGINAL_CRI_ANNOTATION_PREFIX}io.kubernetes.cri.sandbox-id`], podId, 'the original is kept under thaw’s prefix');
 
     await t.test('a server in the pod answers on the pod IP (runsc --network=host in the pod netns)', async (t) => {
       const web = await cri.call('createContainer', {
