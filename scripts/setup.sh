@@ -16,9 +16,10 @@ add_suite() {
   uri=$(awk '$1 == "URIs:" {print $2; exit}' "$src")
   printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: %s\n' \
     "$uri" "$suite" /usr/share/keyrings/debian-archive-keyring.gpg > "$file"
-  # trixie is only ever downloaded from (CRIU's private prefix), never installed from.
-  if [ "$suite" = trixie ]; then
-    printf 'Package: *\nPin: release n=trixie\nPin-Priority: 50\n' > /etc/apt/preferences.d/thaw-trixie
+  # trixie and sid are only ever downloaded from (private prefixes of CRIU and containerd), never
+  # installed from: pinned below bookworm so that no install ever picks their packages.
+  if [ "$suite" = trixie ] || [ "$suite" = sid ]; then
+    printf 'Package: *\nPin: release n=%s\nPin-Priority: 50\n' "$suite" > "/etc/apt/preferences.d/thaw-$suite"
   fi
   return 0
 }
@@ -63,6 +64,29 @@ WRAP
   chmod 755 "$criu_prefix/bin/criu"
   "$criu_prefix/bin/criu" check 2>&1 | grep -q 'Looks good' || log "warning: criu check did not pass; the native engine will not work"
 fi
+
+# containerd 1.7 (trixie) and 2.x (sid) for the tests that run against every containerd release
+# (test/helpers/containerd.ts containerdVersions): unpacked into private prefixes, never installed,
+# so the system keeps bookworm's 1.6 (their binaries needed only libc6 >= 2.34 so far). The prefix gets
+# usr/bin/{containerd,ctr,containerd-shim-runc-v2}; a half-done unpack never counts as done.
+unpack_containerd() {
+  local suite=$1 prefix=$2 dl
+  [ -x "$prefix/usr/bin/containerd" ] && return 0
+  add_suite "$suite" || true
+  # `apt-cache show PKG/SUITE` exits 0 even when the suite's lists were never fetched: ask madison.
+  apt-cache madison containerd 2>/dev/null | grep -q " $suite/" || apt-get update -q >/dev/null
+  log "unpacking containerd from $suite into $prefix"
+  dl=$(mktemp -d); chown _apt "$dl" 2>/dev/null || true  # apt downloads as _apt where it can write
+  (cd "$dl" && apt-get download -q "containerd/$suite" >/dev/null)
+  rm -rf "$prefix.partial"; mkdir -p "$(dirname "$prefix")"
+  dpkg -x "$dl"/containerd_*.deb "$prefix.partial"
+  rm -rf "$dl" "$prefix"
+  mv "$prefix.partial" "$prefix"
+  "$prefix/usr/bin/containerd" --version >/dev/null 2>&1 ||
+    log "warning: $prefix/usr/bin/containerd does not run here; its containerd-version tests will skip"
+}
+unpack_containerd trixie "${THAW_CONTAINERD17_PREFIX:-/opt/thaw/containerd-1.7}"
+unpack_containerd sid "${THAW_CONTAINERD2_PREFIX:-/opt/thaw/containerd-2}"
 
 if [ ! -d node_modules ] || [ package.json -nt node_modules/.thaw-installed ]; then
   log "installing npm dependencies"
