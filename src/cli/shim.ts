@@ -83,6 +83,9 @@ async function runServe(flags: ShimFlags): Promise<never> {
     ns: flags.namespace,
     id: flags.id,
   });
+  // Before any runsc: sandboxes become this server's children, so exits are reaped, not polled.
+  const { enableChildReaper } = await import('../runsc/reaper.js');
+  enableChildReaper({ log });
   const shim = await serve(
     { flags, bundle: process.cwd(), log, readyFd: Number.isInteger(readyFd) ? readyFd : undefined, handleSignals: true },
     { createTaskService },

@@ -1,9 +1,10 @@
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ShimError } from '../errors.js';
+import { ShimError, isShimError } from '../errors.js';
 import { presentCriToRunsc } from '../bundle/cri.js';
 import { silentLogger, type Logger } from '../log/logger.js';
-import { Runsc, type RunscOptions } from '../runsc/runsc.js';
+import { Runsc, type RunscExecResult, type RunscOptions } from '../runsc/runsc.js';
+import { childReaper, type ChildReaper } from '../runsc/reaper.js';
 import { bestCheckpointFlags, bestRestoreFlags, type ImageFormat } from '../runsc/probe.js';
 import type { ThawConfig } from '../config/config.js';
 import type { GpuDriver } from '../gpu/driver.js';
@@ -34,6 +35,11 @@ export interface GvisorEngineOptions {
   runsc?: Runsc;
   /** For tests: where the host's NVIDIA module lists GPUs (/proc/driver/nvidia). */
   nvidiaProcDir?: string;
+  /**
+   * Reaps the sandbox and exec waiter processes for exact, immediate exits; default: the process's
+   * reaper (the shim's `serve` enables one), null = exits from `runsc wait` only.
+   */
+  reaper?: ChildReaper | null;
 }
 
 /**
@@ -48,15 +54,19 @@ export class GvisorEngine implements Engine {
   readonly #config: ThawConfig;
   readonly #log: Logger;
   readonly #namespace: string;
-  /** Exit of each app this engine started, from a `runsc wait` attached before it ran. */
+  /** Exit of each app this engine started: its sandbox's reaped exit, or a `runsc wait` attached as it ran. */
   readonly #exits = new Map<string, Promise<ExitResult>>();
+  /** Host pid of each created container's sandbox, from create until delete. */
+  readonly #sandboxPids = new Map<string, number>();
+  readonly #reaper: ChildReaper | null;
   /** Restore must use the checkpoint's staged state: page-cache staging and O_DIRECT reads exclude each other. */
   stagedRestore: boolean;
 
   readonly #nvidiaProcDir: string | undefined;
 
-  constructor({ config, log = silentLogger, namespace = '', runsc, nvidiaProcDir }: GvisorEngineOptions) {
+  constructor({ config, log = silentLogger, namespace = '', runsc, nvidiaProcDir, reaper = childReaper() }: GvisorEngineOptions) {
     this.#nvidiaProcDir = nvidiaProcDir;
+    this.#reaper = reaper;
     this.#config = config;
     this.#log = log;
     this.#namespace = namespace;
@@ -70,6 +80,7 @@ export class GvisorEngine implements Engine {
       flags: config.runsc.flags,
       logger: log,
       scratchDir: join(config.stateDir, 'tmp'),
+      ...(reaper ? { adopter: reaper } : {}),
     };
     this.runsc = runsc ?? new Runsc(options);
   }
@@ -103,27 +114,57 @@ export class GvisorEngine implements Engine {
     // A CRI pod container gets a runsc sandbox of its own (in the pod's netns) instead of joining CRI's sandbox id.
     await presentCriToRunsc(opts.bundle);
     await this.runsc.create(rid, { bundle: opts.bundle, stdio: opts.stdio, consoleSocket: opts.consoleSocket, signal: opts.signal });
-    return this.state(opts.id);
+    return this.#created(opts.id);
+  }
+
+  /** Remembers the sandbox pid while it is known: once the app ran, `runsc state` may say -1. */
+  async #created(id: string): Promise<EngineState> {
+    const state = await this.state(id);
+    if (state.pid > 0) this.#sandboxPids.set(id, state.pid);
+    return state;
   }
 
   async start(id: string): Promise<EngineState> {
     await this.runsc.start(this.#rid(id));
     this.#watch(id);
-    return this.state(id);
+    return this.#running(id);
+  }
+
+  /** State after start/restore; an app that already exited (sandbox reaped) keeps its sandbox pid. */
+  async #running(id: string): Promise<EngineState> {
+    const state = await this.state(id);
+    return state.pid > 0 ? state : { ...state, pid: this.#sandboxPids.get(id) ?? 0 };
   }
 
   /**
-   * Attaches `runsc wait` as soon as the app runs. Not before: runsc 20240729 answers a Wait on a
-   * container that is not started yet with "not started", then can only wait for the sandbox
-   * process and fails with "exit status is unavailable" (255) for every app. An app that exits
-   * before the wait connects (~0.1 s) still reads 255: only the sandbox's reaper sees that status.
+   * Starts watching for the app's exit as soon as it runs. A root container's sandbox process exits
+   * with the app's status and was reparented to this process by `runsc create` (runsc/reaper.ts):
+   * reaping it gives the exit at once and exactly. Otherwise (no reaper, a container that joined
+   * another's sandbox, a sandbox that is not our child) `runsc wait` attaches now. Not before the
+   * start: runsc 20240729 answers a Wait on a container that is not started yet with "not started",
+   * then can only wait for the sandbox process and fails with "exit status is unavailable" (255).
+   * An app that exits before that wait connects (~0.1 s) still reads 255 there.
    */
   #watch(id: string): void {
-    const exited = this.runsc
-      .wait(this.#rid(id), { timeoutMs: 0 })
-      .then((exitStatus) => ({ exitStatus, exitedAt: new Date() }));
+    const exited = this.#exitOf(id);
     exited.catch(() => undefined);
     this.#exits.set(id, exited);
+  }
+
+  async #exitOf(id: string): Promise<ExitResult> {
+    const rid = this.#rid(id);
+    const pid = this.#sandboxPids.get(id);
+    if (this.#reaper !== null && pid !== undefined && (await this.runsc.isSandboxRoot(rid))) {
+      try {
+        const exit = await this.#reaper.exitOf(pid);
+        return { exitStatus: exit.status, exitedAt: exit.exitedAt };
+      } catch (err) {
+        if (!isShimError(err, 'NotFound')) throw err;
+        this.#log.debug({ id, pid, err }, 'sandbox is not our child; waiting through runsc');
+      }
+    }
+    const exitStatus = await this.runsc.wait(rid, { timeoutMs: 0 });
+    return { exitStatus, exitedAt: new Date() };
   }
 
   async prepareRestore(opts: CreateOptions): Promise<void> {
@@ -152,7 +193,7 @@ export class GvisorEngine implements Engine {
       await this.#gpuDriver(rid).afterRestore(gpuRecord, await this.runsc.ps(rid));
     }
     this.#watch(opts.id);
-    return this.state(opts.id);
+    return this.#running(opts.id);
   }
 
   async checkpoint(id: string, opts: CheckpointOptions): Promise<void> {
@@ -209,6 +250,7 @@ export class GvisorEngine implements Engine {
 
   async delete(id: string, opts: { force?: boolean } = {}): Promise<void> {
     this.#exits.delete(id);
+    this.#sandboxPids.delete(id);
     await this.runsc.delete(this.#rid(id), { force: opts.force ?? false });
   }
 
@@ -224,12 +266,28 @@ export class GvisorEngine implements Engine {
       consoleSocket: opts.consoleSocket,
       signal: opts.signal,
     });
-    // runsc's waiter process (r.pid) exits with the process's status; `wait --pid` reports it too.
-    const exited = this.runsc
-      .wait(rid, { pid: r.internalPid, timeoutMs: 0 })
-      .then((exitStatus) => ({ exitStatus, exitedAt: new Date() }));
+    const exited = this.#execExitOf(rid, r);
     exited.catch(() => undefined);
     return { pid: r.pid, exited, kill: (signal) => this.runsc.kill(rid, signal, { pid: r.internalPid }) };
+  }
+
+  /**
+   * runsc's waiter process (r.pid) exits with the exec'd process's status; `runsc exec` left it to
+   * this process's reaper. Without one, `runsc wait --pid`, which misses a process that exits
+   * before it attaches (255).
+   */
+  async #execExitOf(rid: string, r: RunscExecResult): Promise<ExitResult> {
+    if (this.#reaper !== null) {
+      try {
+        const exit = await this.#reaper.exitOf(r.pid);
+        return { exitStatus: exit.status, exitedAt: exit.exitedAt };
+      } catch (err) {
+        if (!isShimError(err, 'NotFound')) throw err;
+        this.#log.debug({ pid: r.pid, err }, 'exec waiter is not our child; waiting through runsc');
+      }
+    }
+    const exitStatus = await this.runsc.wait(rid, { pid: r.internalPid, timeoutMs: 0 });
+    return { exitStatus, exitedAt: new Date() };
   }
 
   async pause(id: string): Promise<void> {

@@ -57,6 +57,7 @@ import {
   type WaitOptions,
 } from './options.js';
 import { probeRunsc, type RunscCapabilities } from './probe.js';
+import type { OrphanAdopter } from './reaper.js';
 
 export type RunscVerb =
   | 'create'
@@ -100,6 +101,12 @@ export interface RunscOptions extends RunscGlobalOptions {
   readonly timeoutsMs?: Readonly<Partial<Record<RunscVerb, number>>>;
   /** Where per-call log files and exec's pid files live briefly (default: the OS temp dir). */
   readonly scratchDir?: string;
+  /**
+   * Runs the verbs that leave processes behind (`create`, `restore`, `exec`) so that those become
+   * this process's children, whose exits it reads by reaping them (reaper.ts). Absent: they are
+   * reparented to init and exits come from `wait` only.
+   */
+  readonly adopter?: OrphanAdopter;
 }
 
 export type RunscStatus = 'creating' | 'created' | 'running' | 'paused' | 'stopped';
@@ -177,14 +184,16 @@ export class Runsc {
   readonly #log: Logger;
   readonly #timeouts: Readonly<Record<RunscVerb, number>>;
   readonly #scratchDir: string;
+  readonly #adopter: OrphanAdopter | undefined;
 
   constructor(options: RunscOptions) {
-    const { logger, timeoutsMs, scratchDir, ...global } = options;
+    const { logger, timeoutsMs, scratchDir, adopter, ...global } = options;
     globalArgs(global, null); // refuses bad pass-through flags now rather than on the first call
     this.#g = global;
     this.#log = logger ?? silentLogger;
     this.#timeouts = { ...DEFAULT_RUNSC_TIMEOUTS_MS, ...timeoutsMs };
     this.#scratchDir = scratchDir ?? tmpdir();
+    this.#adopter = adopter;
   }
 
   get root(): string {
@@ -214,7 +223,7 @@ export class Runsc {
     if (await this.#hasStateFile(safeId(id))) {
       throw new ShimError('AlreadyExists', `runsc container ${id} already exists under ${this.#g.root}`);
     }
-    await this.#run({ verb: 'create', id, argv: createArgs(safeId(id), opts), call: opts, stdio: opts.stdio });
+    await this.#adopting(() => this.#run({ verb: 'create', id, argv: createArgs(safeId(id), opts), call: opts, stdio: opts.stdio }));
   }
 
   async start(id: string, call: RunscCallOptions = {}): Promise<void> {
@@ -280,7 +289,7 @@ export class Runsc {
         await writeFile(files.processFile, JSON.stringify(opts.process), { mode: 0o600 });
       }
       const argv = execArgs(id, opts, files);
-      await this.#run({ verb: 'exec', id, argv, call: opts, stdio: opts.stdio });
+      await this.#adopting(() => this.#run({ verb: 'exec', id, argv, call: opts, stdio: opts.stdio }));
       return {
         pid: await readPidFile(files.pidFile, 'exec'),
         internalPid: await readPidFile(files.internalPidFile, 'exec'),
@@ -312,7 +321,8 @@ export class Runsc {
    * and `opts.stdio` becomes the container's stdio.
    */
   async restore(id: string, opts: RestoreOptions): Promise<void> {
-    await this.#run({ verb: 'restore', id, argv: restoreArgs(safeId(id), opts), call: opts, stdio: opts.stdio });
+    // After a prior create nothing new is forked; without one, restore makes the sandbox itself.
+    await this.#adopting(() => this.#run({ verb: 'restore', id, argv: restoreArgs(safeId(id), opts), call: opts, stdio: opts.stdio }));
   }
 
   /** One sample of resource usage (`runsc events --stats`). */
@@ -403,6 +413,21 @@ export class Runsc {
     } finally {
       if (logFile !== null) await unlink(logFile).catch(() => undefined);
     }
+  }
+
+  /**
+   * Whether `id` is its sandbox's root container (the one whose `create` started the sandbox, so
+   * the sandbox process exits with its app's status), from runsc's state file name
+   * `<id>_sandbox:<sandbox id>.state`. False for a container that joined another's sandbox, and
+   * when there is no state.
+   */
+  async isSandboxRoot(id: string): Promise<boolean> {
+    const names = await readdir(this.#g.root).catch(() => [] as string[]);
+    return names.includes(`${safeId(id)}_sandbox:${id}.state`);
+  }
+
+  #adopting<T>(fn: () => Promise<T>): Promise<T> {
+    return this.#adopter === undefined ? fn() : this.#adopter.adopting(fn);
   }
 
   /** runsc keeps `<id>_sandbox:<sandbox id>.state` per container under its root. */

@@ -289,3 +289,43 @@ t.test('create refuses an id that already has runsc state, without running runsc
   await runsc.create(other, { bundle: '/b', stdio: ['ignore', 'ignore', 'ignore'] });
   t.equal(calls().length, 1, 'other ids are created');
 });
+
+t.test('the verbs that leave processes behind run inside the adopter; the others do not', async (t) => {
+  const inside: string[] = [];
+  let calls = (): string[][] => [];
+  const adopter = {
+    adopting: async <T>(fn: () => Promise<T>): Promise<T> => {
+      const before = calls().length;
+      const result = await fn();
+      for (const argv of calls().slice(before)) inside.push(argv[G.length] ?? '');
+      return result;
+    },
+  };
+  const s = setup(t, { adopter, root: join(t.testdirName, 'root') });
+  calls = s.calls;
+  const { runsc, plan, dir } = s;
+  plan('exec', { files: { 'pid-file': '4242', 'internal-pid-file': '7' } });
+  plan('state', { stdout: JSON.stringify({ ociVersion: '1.0.2', id: ID, status: 'running', pid: 42, bundle: '/b' }) });
+  plan('wait', { stdout: `{"exitStatus":0}` });
+  await runsc.create(ID, { bundle: '/b', stdio: ['ignore', 'ignore', 'ignore'] });
+  await runsc.start(ID);
+  await runsc.restore(ID, { bundle: '/b', imagePath: dir, stdio: ['ignore', 'ignore', 'ignore'] });
+  await runsc.exec(ID, { args: ['true'], stdio: ['ignore', 'ignore', 'ignore'] });
+  await runsc.state(ID);
+  await runsc.wait(ID);
+  t.same(inside, ['create', 'restore', 'exec']);
+  t.equal(calls().length, 6);
+});
+
+t.test('isSandboxRoot: from the name of runsc state file', async (t) => {
+  const { dir } = setup(t);
+  const root = join(dir, 'root');
+  mkdirSync(root);
+  const runsc = new Runsc({ path: FAKE, root, platform: 'systrap', network: 'none', debugLogDir: null, flags: {} });
+  const joined = 'fedcba9876543210fedcba9876543210';
+  writeFileSync(join(root, `${ID}_sandbox:${ID}.state`), '{}');
+  writeFileSync(join(root, `${joined}_sandbox:${ID}.state`), '{}');
+  t.equal(await runsc.isSandboxRoot(ID), true);
+  t.equal(await runsc.isSandboxRoot(joined), false, 'joined another container’s sandbox');
+  t.equal(await runsc.isSandboxRoot('00000000000000000000000000000000'), false, 'no state');
+});
