@@ -25,7 +25,8 @@ send() {  # send CMD: prints the response JSON (never in a pipe: seq lives in th
   echo "no answer to $1"; return 1
 }
 mount -t overlay overlay -o "lowerdir=/,upperdir=$W/bundle/upper,workdir=$W/bundle/work" "$W/bundle/rootfs"
-trap 'umount -l "$W/bundle/rootfs" 2>/dev/null' EXIT
+# A failed run must not leave its containers behind (the next case reuses the ids and cgroups).
+trap '$T delete --force gpu1 >/dev/null 2>&1; $T delete --force gpu2 >/dev/null 2>&1; umount -l "$W/bundle/rootfs" 2>/dev/null' EXIT
 cp bench/gpu/workload.py "$W/workload.py"
 cat > "$W/thaw.json" <<JSON
 {"stateDir": "$W/state", "store": {"path": "$W/store"}, "engine": "$ENGINE",
