@@ -243,6 +243,7 @@ export class NativeEngine implements Engine {
     await using cleanup = this.#cleanup(opts.id);
     const dir = await this.#claim(rid, cleanup);
     const bundle = await writePrivateBundle({ source: opts.bundle, dir, rid });
+    refuseBusyCgroup(opts.id, bundle.cgroupsPath);
     const io = bundle.terminal ? passThrough(opts.stdio) : await interposeStdio(opts.stdio, { signal: opts.signal });
     cleanup.add('stop stdio relays', () => stopRelays(io.relays, { drainMs: 0 }));
     const pidFile = join(dir, 'init.pid');
@@ -291,6 +292,7 @@ export class NativeEngine implements Engine {
     await using cleanup = this.#cleanup(opts.id);
     const dir = await this.#claim(rid, cleanup);
     const bundle = await writePrivateBundle({ source: opts.bundle, dir, rid });
+    refuseBusyCgroup(opts.id, bundle.cgroupsPath);
     // CRIU restores into the new container's own cgroup (where runc put the device filter).
     await writeFile(bundle.criuConfig, `${bundle.userCriuConfig}cgroup-root ${bundle.cgroupsPath}\n`, { mode: 0o600 });
     const io = bundle.terminal ? passThrough(opts.stdio) : await interposeStdio(opts.stdio, { signal: opts.signal });
@@ -1224,6 +1226,21 @@ function cgroupProcs(cgroupsPath: string): number[] {
     for (const line of text.split('\n')) if (/^\d+$/.test(line)) pids.add(Number(line));
   }
   return [...pids];
+}
+
+/**
+ * runc puts a new container into a cgroup that already holds processes without a word, and from then
+ * on `runc ps` — and so thaw's GPU lock and checkpoint — would take those strangers for the
+ * container's own (measured on the H100: a hung container left by a killed script). Refuse instead.
+ */
+function refuseBusyCgroup(id: string, cgroupsPath: string): void {
+  const busy = cgroupProcs(cgroupsPath);
+  if (busy.length > 0) {
+    throw new ShimError(
+      'FailedPrecondition',
+      `container ${id}: cgroup ${cgroupsPath} already holds processes ${busy.slice(0, 8).join(', ')}${busy.length > 8 ? ', …' : ''} (a container left behind? delete it first)`,
+    );
+  }
 }
 
 /** Removes the container's (empty) cgroup directories a failed restore left; busy ones stay. */

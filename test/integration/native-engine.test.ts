@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmdirSync, statSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -360,4 +361,29 @@ t.test('timings: checkpoint and restore, median of 3', { skip: skip || (bench ? 
         `restore cold ${med('cold')} s (${all('cold')}); restore warm ${med('warm')} s (${all('warm')})`,
     );
   }
+});
+
+t.test('a cgroup that already holds processes is refused, not shared (its processes would pass for the container’s)', { skip }, async (t) => {
+  const w = await nativeWorld(t);
+  const cgroup = join('/sys/fs/cgroup/thaw', w.rid('busy'));
+  mkdirSync(cgroup, { recursive: true });
+  const stranger = spawn('sleep', ['60'], { stdio: 'ignore' });
+  t.teardown(async () => {
+    stranger.kill('SIGKILL');
+    await waitFor('the stranger to leave its cgroup', () => (readFileSync(join(cgroup, 'cgroup.procs'), 'utf8').trim() === '' ? true : undefined), 10_000).catch(() => undefined);
+    try {
+      rmdirSync(cgroup); // a cgroup goes with rmdir once empty
+    } catch {
+      /* already gone */
+    }
+  });
+  writeFileSync(join(cgroup, 'cgroup.procs'), String(stranger.pid));
+  const bundle = await w.bundle('busy', { mib: 16, initMs: 0, tickMs: 100 });
+  const out = w.out('busy');
+  await t.rejects(w.engine.create({ id: 'busy', bundle, stdio: ['ignore', out.fd, out.fd] }), {
+    code: 'FailedPrecondition',
+    message: new RegExp(`cgroup /thaw/${w.rid('busy')} already holds processes ${stranger.pid}`),
+  });
+  t.same(await w.engine.runc.list(), [], 'no runc container was created');
+  t.ok(procStat(stranger.pid!) !== undefined && procStat(stranger.pid!)?.state !== 'Z', 'the stranger was left alone');
 });
