@@ -1,9 +1,10 @@
-import { readdir, readFile } from 'node:fs/promises';
+import { readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { isShimError } from '../errors.js';
 import { loadConfig, type ThawConfig } from '../config/config.js';
 import { ContainerRecords } from '../engine/records.js';
 import { runtimeIdFor } from '../engine/container-id.js';
+import { controlDirFor } from '../trigger/control-dir.js';
 import type { CleanupDeadTask } from '../shim/manager.js';
 
 /**
@@ -28,6 +29,9 @@ export function cleanupDeadTaskWith(configPath: string | undefined): CleanupDead
     const record = await records.get(id, namespace);
     const rootfs = join(bundle, 'rootfs');
     const mounted = await isMounted(rootfs);
+    // The trigger's control dir (socket, status files) the dead server would have removed at Delete.
+    const controlDir = controlDirFor(config.stateDir, namespace, id);
+    await rm(controlDir, { recursive: true, force: true }).catch((err: unknown) => log.warn({ id, err }, 'dead task: control dir removal failed'));
     if (!record && !mounted && config.engine === 'gvisor' && !(await runscKnows(config, id, namespace))) {
       return { exitStatus: 137, exitedAt: new Date() };
     }

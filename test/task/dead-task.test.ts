@@ -12,6 +12,7 @@ import { ContainerRecords, type ContainerRecord } from '../../src/engine/records
 import { silentLogger } from '../../src/log/logger.js';
 import { CONFIG_PATH_FILE, cleanupDeadTaskWith } from '../../src/task/dead-task.js';
 import { runtimeIdFor } from '../../src/engine/container-id.js';
+import { controlDirFor } from '../../src/trigger/control-dir.js';
 
 async function setup(t: Test) {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'thaw-dead-'));
@@ -74,4 +75,16 @@ t.test('a note naming a missing config fails loudly instead of guessing', async 
   const s = await setup(t);
   await writeFile(path.join(s.bundle, CONFIG_PATH_FILE), path.join(s.dir, 'missing.json'));
   await t.rejects(cleanupDeadTaskWith(undefined)(s.bundle, 'c1', { namespace: 'default', log: silentLogger }), { code: 'InvalidArgument' });
+});
+
+t.test("the trigger's control dir a dead shim left is removed", async (t) => {
+  const s = await setup(t);
+  const ctl = controlDirFor(s.stateDir, 'default', 'c1');
+  await mkdir(ctl, { recursive: true });
+  await writeFile(path.join(ctl, 'status.json'), '{}');
+  const other = controlDirFor(s.stateDir, 'default', 'c2');
+  await mkdir(other, { recursive: true });
+  await cleanupDeadTaskWith(s.configPath)(s.bundle, 'c1', { namespace: 'default', log: silentLogger });
+  t.notOk(existsSync(ctl), 'gone');
+  t.ok(existsSync(other), "another task's dir stays");
 });
