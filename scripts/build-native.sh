@@ -7,4 +7,10 @@ if [ -f native/binding.gyp ]; then
   npx node-gyp -C native rebuild --nodedir="${npm_config_nodedir:-/usr}" --loglevel=error >/dev/null \
     || { echo "[build] native addon failed to build; thaw falls back to its TypeScript I/O" >&2; }
 fi
+# The console-socket addon (terminal tasks: receives the pty master from runsc/runc). Without it
+# thaw refuses terminal tasks with a clear error; everything else works.
+if [ -f native/console/binding.gyp ]; then
+  npx node-gyp -C native/console rebuild --nodedir="${npm_config_nodedir:-/usr}" --loglevel=error >/dev/null \
+    || { echo "[build] console addon failed to build; terminal (-t) tasks are refused" >&2; }
+fi
 if [ -f native/cuda/Makefile ]; then make -s -C native/cuda; fi
