@@ -75,7 +75,7 @@ async function runServe(flags: ShimFlags): Promise<never> {
   const { serve } = await import('../shim/serve.js');
   const { READY_FD_ENV } = await import('../shim/manager.js');
   const { createLogger } = await import('../log/logger.js');
-  const { createTaskService } = await import('../task/service.js');
+  const { createLazyTaskService } = await import('../task/lazy-service.js');
   const readyFd = Number.parseInt(process.env[READY_FD_ENV] ?? '', 10);
   delete process.env[READY_FD_ENV]; // not for runsc and other children
   // stdout/stderr are the bundle's log FIFO (or /dev/null), as `start` set them up.
@@ -88,7 +88,7 @@ async function runServe(flags: ShimFlags): Promise<never> {
   enableChildReaper({ log });
   const shim = await serve(
     { flags, bundle: process.cwd(), log, readyFd: Number.isInteger(readyFd) ? readyFd : undefined, handleSignals: true },
-    { createTaskService },
+    { createTaskService: createLazyTaskService },
   );
   await shim.done;
   process.exit(shim.shutdown.failures.length === 0 ? 0 : 1);

@@ -80,6 +80,7 @@ export class GvisorEngine implements Engine {
       flags: config.runsc.flags,
       logger: log,
       scratchDir: join(config.stateDir, 'tmp'),
+      probeCacheDir: join(config.stateDir, 'cache'),
       ...(reaper ? { adopter: reaper } : {}),
     };
     this.runsc = runsc ?? new Runsc(options);
@@ -130,10 +131,14 @@ export class GvisorEngine implements Engine {
     return this.#running(id);
   }
 
-  /** State after start/restore; an app that already exited (sandbox reaped) keeps its sandbox pid. */
+  /**
+   * State right after start/restore. With the sandbox pid known from create, no `runsc state` (30-40
+   * ms): the app runs, and an app that already exited is reported by the exit watcher. `runsc state`
+   * could not tell its pid any more (-1) once the sandbox was reaped.
+   */
   async #running(id: string): Promise<EngineState> {
-    const state = await this.state(id);
-    return state.pid > 0 ? state : { ...state, pid: this.#sandboxPids.get(id) ?? 0 };
+    const pid = this.#sandboxPids.get(id);
+    return pid === undefined ? this.state(id) : { id, status: 'running', pid };
   }
 
   /**

@@ -17,8 +17,9 @@
  *   only refuses ids runsc could misparse (a leading `-`, odd characters) with InvalidArgument, and
  *   refuses to `create` an id that already has state (a failed duplicate create orphans a sandbox).
  * - `capabilities()` / `version()` use probe.ts: `runsc --version`, `runsc help checkpoint`, `runsc
- *   help restore` and `runsc flags`, parsed once per binary path, because checkpoint flags and their
- *   defaults differ between 20240729 and upstream; `bestCheckpointFlags`/`bestRestoreFlags` choose.
+ *   help restore` and `runsc flags`, parsed once per binary path (and kept in `probeCacheDir` for
+ *   later processes), because checkpoint flags and their defaults differ between 20240729 and
+ *   upstream; `bestCheckpointFlags`/`bestRestoreFlags` choose.
  */
 import { randomUUID } from 'node:crypto';
 import { mkdtemp, open, readdir, readFile, rm, unlink, writeFile } from 'node:fs/promises';
@@ -107,6 +108,8 @@ export interface RunscOptions extends RunscGlobalOptions {
    * reparented to init and exits come from `wait` only.
    */
   readonly adopter?: OrphanAdopter;
+  /** Keeps `capabilities()` probes across processes (per binary identity); absent = per process only. */
+  readonly probeCacheDir?: string;
 }
 
 export type RunscStatus = 'creating' | 'created' | 'running' | 'paused' | 'stopped';
@@ -185,15 +188,17 @@ export class Runsc {
   readonly #timeouts: Readonly<Record<RunscVerb, number>>;
   readonly #scratchDir: string;
   readonly #adopter: OrphanAdopter | undefined;
+  readonly #probeCacheDir: string | undefined;
 
   constructor(options: RunscOptions) {
-    const { logger, timeoutsMs, scratchDir, adopter, ...global } = options;
+    const { logger, timeoutsMs, scratchDir, adopter, probeCacheDir, ...global } = options;
     globalArgs(global, null); // refuses bad pass-through flags now rather than on the first call
     this.#g = global;
     this.#log = logger ?? silentLogger;
     this.#timeouts = { ...DEFAULT_RUNSC_TIMEOUTS_MS, ...timeoutsMs };
     this.#scratchDir = scratchDir ?? tmpdir();
     this.#adopter = adopter;
+    this.#probeCacheDir = probeCacheDir;
   }
 
   get root(): string {
@@ -347,7 +352,7 @@ export class Runsc {
       const timeoutMs = call.timeoutMs ?? this.#timeouts.probe;
       const out = await this.#run({ verb: 'probe', argv: args, call: { timeoutMs }, global: false });
       return out.stdout + out.stderr;
-    });
+    }, this.#probeCacheDir);
     return call.signal === undefined ? probe : untilAborted(probe, call.signal, 'probe');
   }
 

@@ -29,6 +29,11 @@ export interface TaskServiceContext {
   /** Register undo callbacks; call shutdown() from Shutdown once no task is left. */
   readonly shutdown: ShutdownService;
   readonly log: Logger;
+  /**
+   * Resolves once the server listens and `start` was told so: work deferred to here (loading the
+   * runtime) runs while `start` exits and containerd dials, not before `start` can answer.
+   */
+  readonly listening: Promise<void>;
 }
 
 /** A Task service implementation; methods left out answer Unimplemented (12). */
@@ -76,6 +81,8 @@ export async function serve(options: ServeOptions, deps: ServeDeps): Promise<Shi
     const shutdown = new ShutdownService({ log, timeoutMs: options.shutdownTimeoutMs });
     const ttrpcAddress = env.TTRPC_ADDRESS || undefined;
     const publisher = new Publisher({ address: ttrpcAddress, namespace: flags.namespace, log });
+    let listened = (): void => undefined;
+    const listening = new Promise<void>((resolve) => (listened = resolve));
     const impl = await deps.createTaskService({
       id: flags.id,
       namespace: flags.namespace,
@@ -89,6 +96,7 @@ export async function serve(options: ServeOptions, deps: ServeDeps): Promise<Shi
       publisher,
       shutdown,
       log,
+      listening,
     });
     const server = new TtrpcServer({ log });
     server.registerService(Task, impl);
@@ -101,6 +109,7 @@ export async function serve(options: ServeOptions, deps: ServeDeps): Promise<Shi
     if (options.handleSignals) watchSignals(shutdown);
     report(options.readyFd, 'ready');
     log.info({ address }, 'shim serving');
+    listened();
     return { address, server, publisher, shutdown, done: shutdown.done };
   } catch (err) {
     report(options.readyFd, isShimError(err, 'AlreadyExists') ? 'exists' : `error: ${(err as Error).message}`);

@@ -2,7 +2,7 @@ import { create } from '@bufbuild/protobuf';
 import { link, mkdir, readdir, copyFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Cleanup } from '../cleanup.js';
-import { loadConfig } from '../config/config.js';
+import { loadConfig, type ThawConfig } from '../config/config.js';
 import { ShimError, isShimError } from '../errors.js';
 import { openRuntime, type Runtime } from '../engine/runtime.js';
 import {
@@ -46,11 +46,13 @@ const STATUS: Record<ProcessStatus, Status> = {
  * queues an event and returns; errors become wire statuses in ttrpc/status.ts. The boot-vs-restore
  * decision is taken at Create (Lifecycle.plan/create) and acted on at Start.
  */
-export const createTaskService: CreateTaskService = async (ctx) => {
-  const config = await loadConfig(ctx.configPath);
+export const createTaskService: CreateTaskService = async (ctx) => taskServiceFor(ctx, await loadConfig(ctx.configPath));
+
+/** The Task service over a runtime opened from `config` (lazy-service.ts calls this on first use). */
+export async function taskServiceFor(ctx: TaskServiceContext, config: ThawConfig): Promise<TaskServiceImpl> {
   const runtime = await openRuntime(config, ctx.log);
   return new TaskService(ctx, runtime).handlers();
-};
+}
 
 export class TaskService {
   /** Invariant: keyed by container id; an entry exists from Create until its Delete returns. */

@@ -1,7 +1,8 @@
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync, realpathSync, writeFileSync } from 'node:fs';
 import t from 'tap';
 import {
   bestCheckpointFlags,
+  binaryIdentity,
   bestRestoreFlags,
   clearProbeCache,
   parseCapabilities,
@@ -129,4 +130,52 @@ t.test('probe runs once per path and forgets failures', async (t) => {
   fail = false;
   t.equal((await probeRunsc('/z/runsc', flaky)).version, 'release-20260608.0', 'retried after a failure');
   clearProbeCache();
+});
+
+t.test('with a cache dir the probe outlives the process and follows the binary', async (t) => {
+  const dir = t.testdir({ bin: {}, cache: {} });
+  const binary = `${dir}/bin/runsc`;
+  writeFileSync(binary, '#!/bin/sh\n');
+  const texts = fixture('20240729');
+  let runs = 0;
+  const run = async (args: readonly string[]) => {
+    runs++;
+    if (args[0] === '--version') return texts.version;
+    if (args[1] === 'checkpoint') return texts.helpCheckpoint;
+    if (args[1] === 'restore') return texts.helpRestore;
+    return texts.flags;
+  };
+  clearProbeCache();
+  const first = await probeRunsc(binary, run, `${dir}/cache`);
+  t.equal(runs, 4);
+  t.equal(readdirSync(`${dir}/cache`).filter((f) => f.endsWith('.json')).length, 1, 'written to the cache dir');
+  clearProbeCache(); // a new process
+  t.same(await probeRunsc(binary, run, `${dir}/cache`), first, 'same capabilities');
+  t.equal(runs, 4, 'from the cache: no runsc ran');
+
+  clearProbeCache();
+  writeFileSync(binary, '#!/bin/sh\n# upgraded\n');
+  await probeRunsc(binary, run, `${dir}/cache`);
+  t.equal(runs, 8, 'a changed binary is probed again');
+
+  clearProbeCache();
+  writeFileSync(readdirSync(`${dir}/cache`).map((f) => `${dir}/cache/${f}`)[0]!, '{not json');
+  await probeRunsc(binary, run, `${dir}/cache`);
+  t.equal(runs, 12, 'an unreadable cache file is ignored');
+
+  clearProbeCache();
+  await probeRunsc(`${dir}/bin/missing-runsc`, run, `${dir}/cache`);
+  t.equal(runs, 16, 'no binary to identify: probed, not cached');
+  clearProbeCache();
+});
+
+t.test('binaryIdentity resolves bare names through PATH', async (t) => {
+  const dir = t.testdir({ bin: { 'my-runsc': '#!/bin/sh\n' } });
+  const saved = process.env.PATH;
+  t.teardown(() => {
+    process.env.PATH = saved;
+  });
+  process.env.PATH = `/nonexistent:${dir}/bin`;
+  t.match(await binaryIdentity('my-runsc'), { path: realpathSync(`${dir}/bin/my-runsc`), size: 10 });
+  t.equal(await binaryIdentity('not-there'), null);
 });

@@ -287,6 +287,7 @@ export function fakeShim({ configPath }: { configPath?: string } = {}): FakeShim
     publisher,
     shutdown,
     log: silentLogger,
+    listening: Promise.resolve(),
   };
   return { engine, lifecycle, runtime, ctx, events, removedRecords, shutdownReasons };
 }

@@ -1,0 +1,73 @@
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import t, { type Test } from 'tap';
+import type { CreateTaskService, TaskServiceContext, TaskServiceImpl } from '../../src/shim/serve.js';
+import type { CallContext } from '../../src/ttrpc/server.js';
+import { fakeShim } from './fake-runtime.js';
+
+const call = {} as CallContext;
+
+/** lazy-service.ts with service.js replaced: `taskServiceFor` is the test's. */
+async function lazyWith(t: Test, taskServiceFor: (ctx: TaskServiceContext) => Promise<TaskServiceImpl>): Promise<CreateTaskService> {
+  const mod = await t.mockImport<typeof import('../../src/task/lazy-service.js')>('../../src/task/lazy-service.js', {
+    '../../src/task/service.js': { taskServiceFor },
+  });
+  return mod.createLazyTaskService;
+}
+
+function context(t: Test, configText = '{}') {
+  const dir = t.testdir();
+  const configPath = join(dir, 'thaw.json');
+  writeFileSync(configPath, configText);
+  const shim = fakeShim({ configPath });
+  let listened = (): void => undefined;
+  const listening = new Promise<void>((resolve) => (listened = resolve));
+  return { ctx: { ...shim.ctx, listening }, listened, shutdownReasons: shim.shutdownReasons };
+}
+
+t.test('the service loads once the server listens; earlier calls wait for it', async (t) => {
+  let loads = 0;
+  const lazy = await lazyWith(t, async () => {
+    loads++;
+    return { state: async () => ({ id: 'c1' }) } as unknown as TaskServiceImpl;
+  });
+  const { ctx, listened } = context(t);
+  const impl = await lazy(ctx);
+  t.equal(loads, 0, 'nothing heavy before listen');
+  const early = impl.state!({ id: 'c1' } as never, call);
+  listened();
+  t.match(await early, { id: 'c1' }, 'delegated to the loaded service');
+  await impl.state!({ id: 'c1' } as never, call);
+  t.equal(loads, 1, 'loaded once');
+  await t.rejects(Promise.resolve(impl.update!({} as never, call)), { code: 'NotImplemented' }, 'methods the service leaves out');
+});
+
+t.test('a service that fails to load: calls fail with its error; Connect and Shutdown still answer', async (t) => {
+  let attempts = 0;
+  const lazy = await lazyWith(t, async () => {
+    attempts++;
+    throw new Error('runtime did not open');
+  });
+  const { ctx, listened, shutdownReasons } = context(t);
+  const impl = await lazy(ctx);
+  listened();
+  await t.rejects(Promise.resolve(impl.create!({} as never, call)), /runtime did not open/);
+  const before = attempts;
+  await t.rejects(Promise.resolve(impl.start!({} as never, call)), /runtime did not open/);
+  t.equal(attempts, before + 1, 'the next call tries again');
+  t.match(await impl.connect!({ id: 'c1' } as never, call), { shimPid: process.pid, taskPid: 0 });
+  t.same(await impl.shutdown!({ id: 'c1' } as never, call), {});
+  await new Promise((r) => setImmediate(r));
+  t.same(shutdownReasons, ['Shutdown RPC'], 'the server shuts down');
+});
+
+t.test('a bad config fails at once (start reports it), before anything loads', async (t) => {
+  let loads = 0;
+  const lazy = await lazyWith(t, async () => {
+    loads++;
+    return {};
+  });
+  const { ctx } = context(t, '{"engine": "nope"}');
+  await t.rejects(Promise.resolve(lazy(ctx)), /engine/);
+  t.equal(loads, 0);
+});
