@@ -1,3 +1,4 @@
+import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
@@ -9,7 +10,7 @@ import { BootstrapParamsSchema, BootstrapResultSchema } from '../../src/gen/cont
 import { DeleteResponseSchema, Task } from '../../src/gen/containerd/task/v2/shim_pb.js';
 import { RuntimeInfoSchema } from '../../src/gen/containerd/types/introspection_pb.js';
 import { OptionsSchema } from '../../src/gen/runtimeoptions/v1/api_pb.js';
-import { deleteDeadShim, runtimeInfo, start, versionText, type ServeCommand } from '../../src/shim/manager.js';
+import { defaultServeCommand, deleteDeadShim, runtimeInfo, SERVE_NODE_FLAGS, start, versionText, type ServeCommand } from '../../src/shim/manager.js';
 import { socketPathOf } from '../../src/shim/socket.js';
 import { TtrpcClient } from '../../src/ttrpc/client.js';
 import { encodeAny, packAny } from '../../src/wire/any.js';
@@ -198,4 +199,14 @@ t.test('-info and -v', async (t) => {
   t.equal(info.options?.typeUrl, 'runtimeoptions.v1.Options', 'options echoed back');
   t.equal(fromBinary(RuntimeInfoSchema, await runtimeInfo(new Uint8Array(0))).options, undefined);
   t.match(versionText('containerd-shim-thaw-v2'), /^containerd-shim-thaw-v2:\n {2}Version: {2}\d+\.\d+\.\d+\n/);
+});
+
+t.test('serve runs with V8 flags for a small footprint that node accepts and that keep WebAssembly', async (t) => {
+  const cmd = defaultServeCommand();
+  t.equal(cmd.file, process.execPath);
+  t.same(cmd.args.slice(-1 - SERVE_NODE_FLAGS.length), [...SERVE_NODE_FLAGS, process.argv[1]], 'flags before the script');
+  const probe = spawnSync(process.execPath, [...SERVE_NODE_FLAGS, '-e', 'process.stdout.write(String(WebAssembly.validate(new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0]))))'], { encoding: 'utf8' });
+  t.equal(probe.status, 0, probe.stderr);
+  t.equal(probe.stdout, 'true', 'the xxhash fallback needs WebAssembly');
+  t.notMatch(probe.stderr, /warning/i, 'no flag conflicts');
 });
