@@ -259,7 +259,12 @@ export class TerminalIo {
     return this.socket.path;
   }
 
-  /** After the runtime's create/exec returned: takes the pty master and starts copying. */
+  /** Whether attach() took the master (a restored task gets its pty at restore, i.e. at Start). */
+  get attached(): boolean {
+    return this.#master >= 0;
+  }
+
+  /** After the runtime's create/exec/restore returned: takes the pty master and starts copying. */
   async attach(): Promise<void> {
     if (this.#master >= 0 || this.#closing) throw new ShimError('FailedPrecondition', 'terminal is already attached or closed');
     const master = await this.socket.receive({ timeoutMs: this.o.receiveTimeoutMs });
