@@ -29,6 +29,7 @@ import { ExecProcess } from './process/exec.js';
 import type { ExitInfo, Process, ProcessStatus } from './process/process.js';
 import { mountRootfs, unmountRootfs } from './rootfs.js';
 import { OpenStdio } from './stdio.js';
+import { TerminalIo } from './console.js';
 import { CONFIG_PATH_FILE } from './dead-task.js';
 import { prepareTrigger, triggerTarget } from '../trigger/target.js';
 import type { TriggerController } from '../trigger/controller.js';
@@ -96,7 +97,7 @@ export class TaskService {
         const rootfsTarget = await mountRootfs(req.bundle, req.rootfs);
         if (rootfsTarget) cleanup.add('unmount rootfs', () => unmountRootfs(rootfsTarget));
         const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal };
-        const io = await OpenStdio.open(stdio);
+        const io = stdio.terminal ? await TerminalIo.open(stdio, { log }) : await OpenStdio.open(stdio);
         cleanup.add('close stdio', () => io.close());
         // Before plan: it adds the /run/thaw mount to config.json, which the key and runsc then see.
         const trigger = await prepareTrigger({ bundle: req.bundle, id: req.id, namespace: this.ctx.namespace, config: this.rt.config, log });
@@ -107,6 +108,7 @@ export class TaskService {
           namespace: this.ctx.namespace,
           bundle: req.bundle,
           stdio: io.fds,
+          ...(io instanceof TerminalIo ? { consoleSocket: io.consoleSocket } : {}),
           owner: 'shim',
         });
         // For `delete` after a crash, which gets no runtime options from containerd. Written once
@@ -114,6 +116,8 @@ export class TaskService {
         if (this.ctx.configPath) await writeFile(join(req.bundle, CONFIG_PATH_FILE), this.ctx.configPath);
         const prepared = await lifecycle.create(plan);
         cleanup.add('delete container', () => plan.engine.delete(req.id, { force: true }));
+        // A cold create has sent the pty master by now; a restore sends it at Start (InitProcess.launch).
+        if (io instanceof TerminalIo && prepared.kind === 'cold') await io.attach();
         const init = new InitProcess({
           id: req.id,
           namespace: this.ctx.namespace,
@@ -211,7 +215,7 @@ export class TaskService {
           throw new ShimError('AlreadyExists', `exec ${JSON.stringify(req.execId)} already exists in container ${req.id}`);
         }
         const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal };
-        const io = await OpenStdio.open(stdio);
+        const io = stdio.terminal ? await TerminalIo.open(stdio, { log: this.ctx.log.child({ id: req.id, execId: req.execId }) }) : await OpenStdio.open(stdio);
         const spec = processSpecOf(req.spec?.value);
         c.execs.set(
           req.execId,
@@ -258,8 +262,8 @@ export class TaskService {
       },
 
       resizePty: (req) => {
-        this.#get(req.id);
-        throw new ShimError('NotImplemented', 'thaw tasks have no terminal: ResizePty is not supported');
+        this.#get(req.id).process(req.execId).resizePty({ width: req.width, height: req.height });
+        return {};
       },
 
       update: (req) => {

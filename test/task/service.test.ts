@@ -192,7 +192,7 @@ t.test('pids, stats, connect, shutdown; ResizePty and Update are not implemented
   t.equal(connected.shimPid, process.pid);
   t.ok(connected.taskPid >= 1000);
   t.equal(connected.version, '0.0.0-test');
-  await t.rejects(call('resizePty', { id: 'c1', width: 80, height: 24 }), { code: 'NotImplemented' });
+  await t.rejects(call('resizePty', { id: 'c1', execId: '', width: 80, height: 24 }), { code: 'FailedPrecondition', message: /no terminal/ }, 'a task without a terminal cannot be resized');
   await t.rejects(call('update', { id: 'c1' }), { code: 'NotImplemented' });
   await call('shutdown', { id: 'c1' });
   await settle();
@@ -206,10 +206,10 @@ t.test('pids, stats, connect, shutdown; ResizePty and Update are not implemented
   t.same(shim.shutdownReasons, ['Shutdown RPC'], 'shuts down once empty');
 });
 
-t.test('a terminal task is refused with NotImplemented and leaves nothing behind', async (t) => {
+t.test('a terminal task whose runtime never sends its console fails Create with the reason and leaves nothing behind', async (t) => {
   const { call, shim } = service();
-  await t.rejects(call('create', createReq('c1', { terminal: true })), { code: 'NotImplemented', message: /terminal/ });
-  t.same(shim.engine.calls, [], 'no sandbox created');
+  await t.rejects(call('create', createReq('c1', { terminal: true })), { message: /console/ });
+  t.notOk(shim.engine.calls.some((c) => String(c).startsWith('create')) && !shim.engine.calls.some((c) => String(c).startsWith('delete')), 'a created sandbox was deleted again');
   await t.rejects(call('state', { id: 'c1', execId: '' }), { code: 'NotFound' });
   t.same(shim.events, []);
 });

@@ -1,7 +1,8 @@
 import type { Engine, ExecHandle } from '../../engine/engine.js';
 import type { Logger } from '../../log/logger.js';
 import type { OpenStdio, StdioRequest } from '../stdio.js';
-import { ExitLatch, illegal, type ExitInfo, type Process, type ProcessStatus } from './process.js';
+import { TerminalIo, type ConsoleSize } from '../console.js';
+import { ExitLatch, illegal, resizeIo, type ExitInfo, type Process, type ProcessStatus } from './process.js';
 
 export interface ExecProcessOptions {
   id: string;
@@ -9,7 +10,7 @@ export interface ExecProcessOptions {
   engine: Engine;
   /** OCI process spec from ExecProcessRequest.spec. */
   spec: Record<string, unknown>;
-  io: OpenStdio;
+  io: OpenStdio | TerminalIo;
   stdio: StdioRequest;
   log: Logger;
   onExit: (p: ExecProcess, exit: ExitInfo) => void;
@@ -47,7 +48,10 @@ export class ExecProcess implements Process {
 
   async start(): Promise<number> {
     if (this.#status !== 'created') throw illegal('start', this.#status);
-    this.#handle = await this.#o.engine.exec(this.id, { process: this.#o.spec, stdio: this.#o.io.fds });
+    const io = this.#o.io;
+    const consoleSocket = io instanceof TerminalIo ? { consoleSocket: io.consoleSocket } : {};
+    this.#handle = await this.#o.engine.exec(this.id, { process: this.#o.spec, stdio: io.fds, ...consoleSocket });
+    if (io instanceof TerminalIo) await io.attach();
     this.#status = 'running';
     this.#handle.exited.then(
       (r) => this.#exited({ status: r.exitStatus, at: r.exitedAt }),
@@ -84,5 +88,9 @@ export class ExecProcess implements Process {
 
   closeStdin(): Promise<void> {
     return this.#o.io.closeStdin();
+  }
+
+  resizePty(size: ConsoleSize): void {
+    resizeIo(this.#o.io, size);
   }
 }

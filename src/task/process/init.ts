@@ -3,8 +3,9 @@ import type { Engine } from '../../engine/engine.js';
 import type { CheckpointResult, Lifecycle, Prepared } from '../../engine/lifecycle.js';
 import type { ContainerRecord } from '../../engine/records.js';
 import type { OpenStdio, StdioRequest } from '../stdio.js';
+import { TerminalIo, type ConsoleSize } from '../console.js';
 import { CreatedFromSnapshotState, CreatedState, type InitState } from './init-state.js';
-import { ExitLatch, type ExitInfo, type Process, type ProcessStatus } from './process.js';
+import { ExitLatch, resizeIo, type ExitInfo, type Process, type ProcessStatus } from './process.js';
 
 export interface InitProcessOptions {
   id: string;
@@ -13,7 +14,7 @@ export interface InitProcessOptions {
   prepared: Prepared;
   engine: Engine;
   lifecycle: Lifecycle;
-  io: OpenStdio;
+  io: OpenStdio | TerminalIo;
   stdio: StdioRequest;
   log: Logger;
   /** Called once with the exit, after the state moved to stopped (the service publishes TaskExit). */
@@ -100,12 +101,17 @@ export class InitProcess implements Process {
   closeStdin(): Promise<void> {
     return this.#o.io.closeStdin();
   }
+  resizePty(size: ConsoleSize): void {
+    resizeIo(this.#o.io, size);
+  }
 
   // ---- used by the states ----
 
   /** Starts or restores the app (lifecycle decides by the prepared kind), then watches for its exit. */
   async launch(prepared: Prepared): Promise<void> {
     const started = await this.#o.lifecycle.start(prepared);
+    // A restored terminal task gets its pty from the restore (a cold one attached at Create).
+    if (this.#o.io instanceof TerminalIo && !this.#o.io.attached) await this.#o.io.attach();
     this.#record = started.record;
     this.#pid = started.state.pid;
     this.#watchExit();
@@ -124,6 +130,9 @@ export class InitProcess implements Process {
 
   #exited(exit: ExitInfo): void {
     if (!this.#latch.set(exit)) return;
+    // ctr waits for the output to end before it sends Delete; gVisor's pty may stay open until the
+    // sandbox goes, so end the terminal's output now (after a short drain) rather than at Delete.
+    if (this.#o.io instanceof TerminalIo) void this.#o.io.close();
     this.#state.exited();
     this.#o.onExit(this, exit);
   }

@@ -1,3 +1,5 @@
+import { TerminalIo, type ConsoleSize } from '../console.js';
+import type { OpenStdio } from '../stdio.js';
 import { ShimError } from '../../errors.js';
 
 /** Process statuses, named as containerd names them (containerd.v1.types.Status). */
@@ -49,4 +51,12 @@ export interface Process {
   wait(): Promise<ExitInfo>;
   delete(): Promise<ExitInfo>;
   closeStdin(): Promise<void>;
+  /** ResizePty; FailedPrecondition when the process has no terminal. */
+  resizePty(size: ConsoleSize): void;
+}
+
+/** ResizePty on a process's stdio: only a terminal can. */
+export function resizeIo(io: OpenStdio | TerminalIo, size: ConsoleSize): void {
+  if (!(io instanceof TerminalIo)) throw new ShimError('FailedPrecondition', 'the process has no terminal: cannot resize it');
+  io.resize(size);
 }
