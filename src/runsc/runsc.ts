@@ -1,9 +1,9 @@
 /**
  * `Runsc`: the gVisor runsc CLI, one method per verb, knowing nothing of containerd.
  *
- * - Every call goes through one private exec (`#run`): global flags first (runsc parses top-level
- *   flags only before the verb), a timeout and the caller's AbortSignal (the child is killed on
- *   abort; execa also kills it if thaw exits), and a fresh per-call `--log` file. runsc appends its
+ * - Every call goes through one private exec (`#run`, over command.ts): global flags first (runsc
+ *   parses top-level flags only before the verb), a timeout and the caller's AbortSignal (the child
+ *   is killed on abort, and if thaw exits), and a fresh per-call `--log` file. runsc appends its
  *   error records there as JSON, so a failure quotes runsc's own last error line (falling back to
  *   stderr) in a `RunscError` whose code comes from known texts (log.ts).
  * - `create`, `restore` and `exec` hand their stdio to the sandbox, which keeps those fds for the
@@ -25,9 +25,9 @@ import { randomUUID } from 'node:crypto';
 import { mkdtemp, open, readdir, readFile, rm, unlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { execa } from 'execa';
 import { RunscError, ShimError, type ErrorCode } from '../errors.js';
 import { silentLogger, type Logger } from '../log/logger.js';
+import { runCommand } from './command.js';
 import { lastErrorLine, translateRunscError } from './log.js';
 import {
   checkpointArgs,
@@ -371,40 +371,37 @@ export class Runsc {
       }
       const stdio = req.stdio;
       const t0 = performance.now();
-      const result = await execa(path, argv, {
-        reject: false,
-        timeout,
-        cancelSignal: call.signal,
-        forceKillAfterDelay: 2_000,
-        stdin: execaFd(stdio?.[0] ?? 'ignore'),
-        stdout: execaFd(stdio?.[1] ?? 'pipe'),
-        stderr: execaFd(stdio?.[2] ?? 'pipe'),
-        encoding: 'utf8',
-        stripFinalNewline: false,
-        maxBuffer: 16 * 1024 * 1024,
+      const result = await runCommand(path, argv, {
+        stdio: [stdio?.[0] ?? 'ignore', stdio?.[1] ?? 'pipe', stdio?.[2] ?? 'pipe'],
+        timeoutMs: timeout,
+        signal: call.signal,
+        forceKillAfterMs: 2_000,
+        maxBufferBytes: 16 * 1024 * 1024,
       });
       const durationMs = Math.round((performance.now() - t0) * 10) / 10;
-      const stdout = typeof result.stdout === 'string' ? result.stdout : '';
-      const stderr = typeof result.stderr === 'string' ? result.stderr : '';
+      const { stdout, stderr } = result;
       this.#log.debug({ id: req.id, argv: fullArgv, exitCode: result.exitCode, durationMs }, 'runsc');
-      if (!result.failed) return { stdout, stderr };
+      if (result.ok) return { stdout, stderr };
 
       const logText = logFile === null ? '' : await readFile(logFile, 'utf8').catch(() => '');
       const logLine = lastErrorLine(logText, stderr);
       const fields = { argv: fullArgv, exitCode: result.exitCode, logLine };
-      const cause = 'cause' in result && result.cause !== undefined ? result.cause : result;
+      const cause = result.spawnError;
       let code: ErrorCode;
       let detail: string;
-      if (result.isCanceled) {
+      if (result.canceled) {
         code = 'Canceled';
         detail = 'canceled';
       } else if (result.timedOut) {
         code = 'DeadlineExceeded';
         detail = `timed out after ${timeout} ms`;
-      } else if (result.exitCode === undefined && result.signal === undefined) {
+      } else if (result.spawnError !== undefined) {
         // Never ran: no binary, not executable, or bad fds.
         code = 'Unavailable';
-        detail = `cannot run ${path}: ${result.shortMessage}`;
+        detail = `cannot run ${path}: ${result.spawnError.message}`;
+      } else if (result.overflow) {
+        code = 'Internal';
+        detail = 'output larger than 16 MiB';
       } else if (result.exitCode === undefined) {
         code = 'Unknown';
         detail = `killed by ${result.signal}${logLine ? `: ${logLine}` : ''}`;
@@ -448,14 +445,6 @@ export class Runsc {
     await handle.close();
     return file;
   }
-}
-
-/**
- * execa's types list only the literal fds 3-9, but any open fd is handed to spawn as it is (a single
- * number is a "native" stdio value: no pipe, nothing to drain).
- */
-function execaFd(slot: number | 'ignore' | 'pipe'): 'ignore' | 'pipe' | 3 {
-  return slot as 'ignore' | 'pipe' | 3;
 }
 
 function untilAborted<T>(work: Promise<T>, signal: AbortSignal, what: string): Promise<T> {
