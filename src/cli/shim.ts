@@ -73,11 +73,13 @@ async function runDelete(flags: ShimFlags): Promise<number> {
 
 async function runServe(flags: ShimFlags): Promise<never> {
   const { serve } = await import('../shim/serve.js');
-  const { READY_FD_ENV } = await import('../shim/manager.js');
+  const { READY_FD_ENV, RUNTIME_OPTIONS_ENV } = await import('../shim/manager.js');
   const { createLogger } = await import('../log/logger.js');
   const { createLazyTaskService } = await import('../task/lazy-service.js');
   const readyFd = Number.parseInt(process.env[READY_FD_ENV] ?? '', 10);
+  const runtimeOptions = process.env[RUNTIME_OPTIONS_ENV];
   delete process.env[READY_FD_ENV]; // not for runsc and other children
+  delete process.env[RUNTIME_OPTIONS_ENV];
   // stdout/stderr are the bundle's log FIFO (or /dev/null), as `start` set them up.
   const log = createLogger({ destination: 2, level: flags.debug ? 'debug' : 'info', name: BINARY }).child({
     ns: flags.namespace,
@@ -87,7 +89,14 @@ async function runServe(flags: ShimFlags): Promise<never> {
   const { enableChildReaper } = await import('../runsc/reaper.js');
   enableChildReaper({ log });
   const shim = await serve(
-    { flags, bundle: process.cwd(), log, readyFd: Number.isInteger(readyFd) ? readyFd : undefined, handleSignals: true },
+    {
+      flags,
+      bundle: process.cwd(),
+      log,
+      readyFd: Number.isInteger(readyFd) ? readyFd : undefined,
+      runtimeOptions: runtimeOptions ? Buffer.from(runtimeOptions, 'base64') : undefined,
+      handleSignals: true,
+    },
     { createTaskService: createLazyTaskService },
   );
   await shim.done;

@@ -5,7 +5,7 @@ import path from 'node:path';
 import type { ShimFlags } from '../cli/shim-flags.js';
 import { ShimError } from '../errors.js';
 import { silentLogger, type Logger } from '../log/logger.js';
-import { isDebugLevel, parseStartInput, startReply } from './bootstrap.js';
+import { isDebugLevel, mayBeBootstrap, parseStartInput, startReply, type StartInput } from './bootstrap.js';
 import { canConnect, DEFAULT_SOCKET_DIR, groupKeyOf, removeSocket, socketAddress, socketPathOf } from './socket.js';
 import { RUNTIME_NAME, shimVersion } from './version.js';
 
@@ -13,6 +13,8 @@ import { RUNTIME_NAME, shimVersion } from './version.js';
 export const BUNDLE_FILES = { address: 'address', shimPid: 'shim.pid', log: 'log', spec: 'config.json' } as const;
 /** Env var telling `serve` which fd to report readiness on (set only by our `start`). */
 export const READY_FD_ENV = 'THAW_READY_FD';
+/** Env var carrying legacy runtime options (base64) that `start` left to `serve` to decode. */
+export const RUNTIME_OPTIONS_ENV = 'THAW_RUNTIME_OPTIONS';
 
 /** How `start` execs `serve`: by default this same program (node + its script). */
 export interface ServeCommand {
@@ -69,7 +71,11 @@ export async function start(opts: StartOptions): Promise<StartResult> {
   const { flags, bundle, log = silentLogger } = opts;
   requireFlag(flags.namespace, 'namespace');
   requireFlag(flags.id, 'id');
-  const input = await parseStartInput(opts.stdin, { id: flags.id, namespace: flags.namespace });
+  // Legacy runtime options go to serve undecoded: serve loads protobuf anyway, start would only for this.
+  const undecoded = opts.stdin.byteLength > 0 && !mayBeBootstrap(opts.stdin, flags.id) ? opts.stdin : undefined;
+  const input: StartInput = undecoded
+    ? { protocol: 'legacy', options: { configPath: '', raw: undefined, options: undefined } }
+    : await parseStartInput(opts.stdin, { id: flags.id, namespace: flags.namespace });
   const params = input.protocol === 'bootstrap' ? input.params : undefined;
   const grpcAddress = params?.containerdGrpcAddress || flags.address;
   requireFlag(grpcAddress, 'address');
@@ -104,6 +110,7 @@ export async function start(opts: StartOptions): Promise<StartResult> {
     'serve',
   ];
   const childEnv: NodeJS.ProcessEnv = { ...env, [READY_FD_ENV]: '3' };
+  if (undecoded) childEnv[RUNTIME_OPTIONS_ENV] = Buffer.from(undecoded).toString('base64');
   const ttrpcAddress = params?.containerdTtrpcAddress;
   if (ttrpcAddress) childEnv.TTRPC_ADDRESS = ttrpcAddress;
   const output = opts.serveOutputFd ?? 'ignore';

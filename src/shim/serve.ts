@@ -5,6 +5,7 @@ import { isShimError, ShimError } from '../errors.js';
 import { silentLogger, type Logger } from '../log/logger.js';
 import { Publisher } from '../task/publisher.js';
 import { TtrpcServer, type ServiceImpl } from '../ttrpc/server.js';
+import { configPathOfOptions } from './bootstrap.js';
 import { canConnect, removeSocket, socketAddress, socketPathOf } from './socket.js';
 import { ShutdownService } from './shutdown.js';
 import { shimVersion } from './version.js';
@@ -51,6 +52,8 @@ export interface ServeOptions {
   readonly log?: Logger;
   /** fd on which `start` waits for "ready" / "exists" / "error: …" (env THAW_READY_FD). */
   readonly readyFd?: number;
+  /** Legacy runtime options `start` did not decode (env THAW_RUNTIME_OPTIONS); their config path wins. */
+  readonly runtimeOptions?: Uint8Array;
   /** Turn SIGTERM/SIGINT into a shutdown (the CLI does; tests don't). */
   readonly handleSignals?: boolean;
   readonly shutdownTimeoutMs?: number;
@@ -91,7 +94,7 @@ export async function serve(options: ServeOptions, deps: ServeDeps): Promise<Shi
       ttrpcAddress,
       publishBinary: flags.publishBinary,
       debug: flags.debug,
-      configPath: flags.configPath || undefined,
+      configPath: (options.runtimeOptions ? await configPathOfOptions(options.runtimeOptions) : flags.configPath) || undefined,
       version: shimVersion(),
       publisher,
       shutdown,

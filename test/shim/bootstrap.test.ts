@@ -7,7 +7,7 @@ import {
   LogLevel,
 } from '../../src/gen/containerd/runtime/bootstrap/v1/bootstrap_pb.js';
 import { OptionsSchema } from '../../src/gen/runtimeoptions/v1/api_pb.js';
-import { isDebugLevel, parseStartInput, startReply } from '../../src/shim/bootstrap.js';
+import { configPathOfOptions, isDebugLevel, mayBeBootstrap, parseStartInput, startReply } from '../../src/shim/bootstrap.js';
 import { encodeAny, packAny } from '../../src/wire/any.js';
 
 const who = { id: 'c1', namespace: 'default' };
@@ -70,4 +70,28 @@ t.test('log levels', async (t) => {
 
 t.test('garbage stdin is an InvalidArgument', async (t) => {
   await t.rejects(parseStartInput(Uint8Array.of(0x0a, 0x7f, 0x01), who), { code: 'InvalidArgument' });
+});
+
+t.test('mayBeBootstrap: no for any legacy options Any, yes for our BootstrapParams and when it cannot tell', async (t) => {
+  const params = (instanceId: string) => toBinary(BootstrapParamsSchema, create(BootstrapParamsSchema, { instanceId, namespace: 'default', socketDir: '/s' }));
+  t.equal(mayBeBootstrap(encodeAny(optionsAny), 'c1'), false, 'runtime options');
+  t.equal(mayBeBootstrap(encodeAny(create(AnySchema, { typeUrl: 'containerd.runc.v1.Options' })), 'c1'), false, 'another options type');
+  t.equal(mayBeBootstrap(params('c1'), 'c1'), true, 'params for this instance');
+  t.equal(mayBeBootstrap(params('c10'), 'c1'), false, 'params for another instance (parseStartInput says legacy too)');
+  t.equal(mayBeBootstrap(params('c1'), 'c'), false);
+  // An Any whose type URL happens to equal the id: parseStartInput decides.
+  t.equal(mayBeBootstrap(encodeAny(create(AnySchema, { typeUrl: 'c1' })), 'c1'), true);
+  const long = 'x'.repeat(130);
+  t.equal(mayBeBootstrap(params(long), long), true, 'a long id: cannot tell cheaply');
+  t.equal(mayBeBootstrap(Uint8Array.of(0x0a), 'c1'), false, 'too short');
+  // Whatever it says no to, parseStartInput also reads as legacy.
+  for (const stdin of [encodeAny(optionsAny), params('c10')]) {
+    t.equal((await parseStartInput(stdin, who)).protocol, 'legacy');
+  }
+});
+
+t.test('configPathOfOptions: what serve reads from options start did not decode', async (t) => {
+  t.equal(await configPathOfOptions(encodeAny(optionsAny)), '/etc/thaw/x.json');
+  t.equal(await configPathOfOptions(encodeAny(create(AnySchema, { typeUrl: 'containerd.runc.v1.Options' }))), '');
+  await t.rejects(configPathOfOptions(Uint8Array.of(0x0a, 0x7f, 0x01)), { code: 'InvalidArgument' });
 });

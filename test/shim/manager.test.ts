@@ -87,7 +87,7 @@ t.test('start launches a detached server that answers Connect; the group reuses 
   const stat = (await readFile(`/proc/${pid}/stat`, 'utf8')).split(') ')[1]!.split(' ');
   t.equal(Number(stat[3]), pid, 'server is its own session leader (setsid)');
   const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0');
-  t.equal(argv[argv.indexOf('-config-path') + 1], configPath, 'config_path handed to serve');
+  t.notOk(argv.includes('-config-path'), 'legacy options go to serve undecoded, not as a flag');
   t.equal(argv[argv.indexOf('-socket') + 1], socketPathOf(first.address));
 
   const client = await TtrpcClient.connect(first.address);
@@ -95,6 +95,7 @@ t.test('start launches a detached server that answers Connect; the group reuses 
   const task = client.service(Task);
   const connected = await task.connect({ id: 'c1' });
   t.equal(connected.shimPid, pid);
+  t.ok(existsSync(path.join(ws.root, 'state', 'containers')), "serve decoded the options and opened the runtime in the config's state dir");
   await t.rejects(
     task.create({ id: 'c1', bundle: path.join(ws.root, 'no-such-bundle') }),
     { code: 'NotFound', grpcCode: 5 },
@@ -189,6 +190,11 @@ t.test('start reports a server that fails or never listens', async (t) => {
   t.notOk(existsSync(path.join(b, 'address')), 'no address written on failure');
   await t.rejects(start({ ...base, bundle: ws.root, serveCommand }), { code: 'NotFound', message: /config\.json/ });
   await t.rejects(start({ ...base, flags: { ...base.flags, namespace: '' }, serveCommand }), { code: 'InvalidArgument' });
+  // Options start leaves to serve: serve's decode error is start's error message.
+  await t.rejects(start({ ...base, stdin: Uint8Array.of(0x0a, 0x7f, 0x01), serveCommand, readyTimeoutMs: READY_MS }), {
+    code: 'Unavailable',
+    message: /shim server failed: decode google.protobuf.Any failed/,
+  });
 });
 
 t.test('-info and -v', async (t) => {
