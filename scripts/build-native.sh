@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Builds the native parts: the I/O addon (node-gyp, against the headers in /usr/include/node since
-# node-gyp cannot download them here) and thaw-cuda (plain gcc; libcuda is dlopened at run time).
+# Builds the native parts: the I/O addon and the reaper addon (node-gyp, against the headers in
+# /usr/include/node since node-gyp cannot download them here) and thaw-cuda (plain gcc; libcuda is
+# dlopened at run time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -f native/binding.gyp ]; then
   npx node-gyp -C native rebuild --nodedir="${npm_config_nodedir:-/usr}" --loglevel=error >/dev/null \
-    || { echo "[build] native addon failed to build; thaw falls back to its TypeScript I/O" >&2; }
+    || { echo "[build] native I/O addon failed to build; thaw falls back to its TypeScript I/O" >&2
+         # The reaper (exact exit statuses) needs no library: build it on its own.
+         make -s -C native/build BUILDTYPE=Release thaw_reaper >/dev/null 2>&1 \
+           || echo "[build] reaper addon failed to build; the shim learns exits from runsc wait" >&2; }
 fi
 # The console-socket addon (terminal tasks: receives the pty master from runsc/runc). Without it
 # thaw refuses terminal tasks with a clear error; everything else works.

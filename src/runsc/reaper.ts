@@ -18,7 +18,9 @@ import { loadReaperAddon, type ReaperBinding } from './reaper-native.js';
  * of `create`, the waiter of `exec`) is reparented here; then every such orphan is waited for and
  * reaped (the addon polls a pidfd per process in libuv's loop). The subreaper flag is on only
  * during those calls, so processes orphaned later (the sandbox's systrap stubs when it dies) go to
- * init as before, and the native engine's runc containers keep being reparented to init.
+ * init as before, and the native engine's runc containers keep being reparented to init — unless
+ * one is orphaned while a runsc call of the same shim runs: it is then reaped here, and the native
+ * engine, which reads exits from zombies it finds in /proc, reports 137 or 255 for it.
  *
  * The gofer must be reaped too: `runsc delete` waits for it to die, and a zombie never does (5 s
  * per delete, measured). Children that Node's child_process spawned are libuv's to reap: they are
