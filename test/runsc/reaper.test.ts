@@ -124,3 +124,9 @@ t.test('with the addon: real orphans, statuses and the subreaper window', { skip
   const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
   t.equal(code, 9);
 });
+
+t.test('a missing addon build is reported, not thrown', async (t) => {
+  const missing = loadReaperAddon('/nonexistent/thaw_reaper.node');
+  t.equal(missing.binding, null);
+  t.match(missing, { path: '/nonexistent/thaw_reaper.node', error: Error });
+});
