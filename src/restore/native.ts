@@ -1,9 +1,6 @@
-import { existsSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { NativeIoError, type ErrorCode } from '../errors.js';
+import { addonLoader, addonPath, hasFunctions, type AddonLoad as SharedAddonLoad } from '../native-addon.js';
 
 /**
  * The I/O layer of restore: read snapshot files into the page cache, copy them to a staging file,
@@ -250,39 +247,21 @@ function isRawNativeError(err: unknown): err is RawNativeError {
 }
 
 function isBinding(mod: unknown): mod is NativeIoBinding {
-  if (typeof mod !== 'object' || mod === null) return false;
-  const m = mod as Record<string, unknown>;
-  return (
-    typeof m.version === 'string' &&
-    ['probe', 'prefetch', 'copyFile', 'hashFiles', 'readInto', 'xxh64'].every((k) => typeof m[k] === 'function')
-  );
+  return hasFunctions(mod, ['probe', 'prefetch', 'copyFile', 'hashFiles', 'readInto', 'xxh64']) && typeof (mod as { version?: unknown }).version === 'string';
 }
 
-/** `<repo>/native/build/Release/thaw_io.node`, found by walking up from this module (src/ or dist/src/). */
+/** `<repo>/native/build/Release/thaw_io.node`. */
 export function defaultAddonPath(): string {
-  const here = dirname(fileURLToPath(import.meta.url));
-  for (let dir = here, i = 0; i < 6; i++, dir = dirname(dir)) {
-    if (existsSync(join(dir, 'native', 'binding.gyp'))) return join(dir, 'native', 'build', 'Release', 'thaw_io.node');
-  }
-  return join(here, '..', '..', 'native', 'build', 'Release', 'thaw_io.node');
+  return addonPath('', 'thaw_io.node');
 }
 
-export type AddonLoad = { binding: NativeIoBinding; path: string } | { binding: null; path: string; error: Error };
+export type AddonLoad = SharedAddonLoad<NativeIoBinding>;
 
-let loaded: AddonLoad | undefined;
+const loadThawIo = addonLoader('thaw_io', isBinding);
 
 /** Loads the addon once per process; a missing or broken build is reported, not thrown. */
 export function loadNativeIo(path = defaultAddonPath()): AddonLoad {
-  if (loaded !== undefined && loaded.path === path) return loaded;
-  let result: AddonLoad;
-  try {
-    const mod: unknown = createRequire(import.meta.url)(path);
-    result = isBinding(mod) ? { binding: mod, path } : { binding: null, path, error: new Error(`${path} is not thaw_io`) };
-  } catch (err) {
-    result = { binding: null, path, error: err instanceof Error ? err : new Error(String(err)) };
-  }
-  loaded = result;
-  return result;
+  return loadThawIo(path);
 }
 
 // ---------------------------------------------------------------------------------------------------

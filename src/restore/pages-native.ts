@@ -1,9 +1,6 @@
-import { existsSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { NativeIoError, type ErrorCode } from '../errors.js';
+import { addonLoader, addonPath, hasFunctions, type AddonLoad } from '../native-addon.js';
 
 /**
  * The typed facade of the userfaultfd page server addon (`native/uffd` → `thaw_uffd.node`, sources
@@ -107,36 +104,21 @@ export interface UffdBinding {
 }
 
 function isBinding(mod: unknown): mod is UffdBinding {
-  if (typeof mod !== 'object' || mod === null) return false;
-  const m = mod as Record<string, unknown>;
-  return ['listen', 'accept', 'receive', 'fill', 'hashFile', 'createCancel', 'cancel', 'close'].every((k) => typeof m[k] === 'function');
+  return hasFunctions(mod, ['listen', 'accept', 'receive', 'fill', 'hashFile', 'createCancel', 'cancel', 'close']);
 }
 
-/** `<repo>/native/uffd/build/Release/thaw_uffd.node`, found by walking up from this module (src/ or dist/src/). */
+/** `<repo>/native/uffd/build/Release/thaw_uffd.node`. */
 export function defaultUffdAddonPath(): string {
-  const here = dirname(fileURLToPath(import.meta.url));
-  for (let dir = here, i = 0; i < 6; i++, dir = dirname(dir)) {
-    if (existsSync(join(dir, 'native', 'uffd', 'binding.gyp'))) return join(dir, 'native', 'uffd', 'build', 'Release', 'thaw_uffd.node');
-  }
-  return join(here, '..', '..', 'native', 'uffd', 'build', 'Release', 'thaw_uffd.node');
+  return addonPath('uffd', 'thaw_uffd.node');
 }
 
-export type UffdAddonLoad = { binding: UffdBinding; path: string } | { binding: null; path: string; error: Error };
+export type UffdAddonLoad = AddonLoad<UffdBinding>;
 
-let loaded: UffdAddonLoad | undefined;
+const loadThawUffd = addonLoader('thaw_uffd', isBinding);
 
 /** Loads the addon once per process; a missing or broken build is reported, not thrown. */
 export function loadUffdAddon(path = defaultUffdAddonPath()): UffdAddonLoad {
-  if (loaded !== undefined && loaded.path === path) return loaded;
-  let result: UffdAddonLoad;
-  try {
-    const mod: unknown = createRequire(import.meta.url)(path);
-    result = isBinding(mod) ? { binding: mod, path } : { binding: null, path, error: new Error(`${path} is not thaw_uffd`) };
-  } catch (err) {
-    result = { binding: null, path, error: err instanceof Error ? err : new Error(String(err)) };
-  }
-  loaded = result;
-  return result;
+  return loadThawUffd(path);
 }
 
 const errnoNames = new Map<number, string>(Object.entries(osConstants.errno).map(([name, n]) => [n, name]));

@@ -1,7 +1,4 @@
-import { existsSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { addonLoader, addonPath, hasFunctions, type AddonLoad } from '../native-addon.js';
 
 /**
  * The typed facade of the reaper addon (`native/build/Release/thaw_reaper.node`, source
@@ -30,28 +27,19 @@ export interface ReaperBinding {
 }
 
 function isBinding(mod: unknown): mod is ReaperBinding {
-  if (typeof mod !== 'object' || mod === null) return false;
-  const m = mod as Record<string, unknown>;
-  return ['setChildSubreaper', 'pidfdSupport', 'waitExit'].every((k) => typeof m[k] === 'function');
+  return hasFunctions(mod, ['setChildSubreaper', 'pidfdSupport', 'waitExit']);
 }
 
-/** `<repo>/native/build/Release/thaw_reaper.node`, found by walking up from this module (src/ or dist/src/). */
+/** `<repo>/native/build/Release/thaw_reaper.node`. */
 export function defaultReaperAddonPath(): string {
-  const here = dirname(fileURLToPath(import.meta.url));
-  for (let dir = here, i = 0; i < 6; i++, dir = dirname(dir)) {
-    if (existsSync(join(dir, 'native', 'binding.gyp'))) return join(dir, 'native', 'build', 'Release', 'thaw_reaper.node');
-  }
-  return join(here, '..', '..', 'native', 'build', 'Release', 'thaw_reaper.node');
+  return addonPath('', 'thaw_reaper.node');
 }
 
-export type ReaperAddonLoad = { binding: ReaperBinding; path: string } | { binding: null; path: string; error: Error };
+export type ReaperAddonLoad = AddonLoad<ReaperBinding>;
 
-/** Loads the addon; a missing or broken build is reported, not thrown. */
+const loadThawReaper = addonLoader('thaw_reaper', isBinding);
+
+/** Loads the addon once per process; a missing or broken build is reported, not thrown. */
 export function loadReaperAddon(path = defaultReaperAddonPath()): ReaperAddonLoad {
-  try {
-    const mod: unknown = createRequire(import.meta.url)(path);
-    return isBinding(mod) ? { binding: mod, path } : { binding: null, path, error: new Error(`${path} is not thaw_reaper`) };
-  } catch (err) {
-    return { binding: null, path, error: err instanceof Error ? err : new Error(String(err)) };
-  }
+  return loadThawReaper(path);
 }

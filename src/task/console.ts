@@ -4,25 +4,23 @@ import {
   constants,
   createReadStream,
   createWriteStream,
-  existsSync,
   open as fsOpen,
   openSync,
   statSync,
   writeSync,
 } from 'node:fs';
 import { mkdir, mkdtemp, rm, stat } from 'node:fs/promises';
-import { createRequire } from 'node:module';
 import { Socket } from 'node:net';
 import { constants as osConstants, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { ReadStream as TtyReadStream } from 'node:tty';
-import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { NativeIoError, ShimError } from '../errors.js';
 import type { StdioFds } from '../engine/engine.js';
 import { silentLogger, type Logger } from '../log/logger.js';
 import type { StdioRequest } from './stdio.js';
+import { addonLoader, addonPath, hasFunctions, type AddonLoad } from '../native-addon.js';
 
 /**
  * Terminal (pty) tasks. The runtime (runsc or runc, given `--console-socket PATH`) creates the pty,
@@ -58,36 +56,21 @@ export interface ConsoleBinding {
 const BINDING_FUNCTIONS = ['listen', 'receive', 'setWindowSize', 'getWindowSize', 'setNonBlocking', 'createCancel', 'cancel', 'close'];
 
 function isBinding(mod: unknown): mod is ConsoleBinding {
-  if (typeof mod !== 'object' || mod === null) return false;
-  const m = mod as Record<string, unknown>;
-  return BINDING_FUNCTIONS.every((k) => typeof m[k] === 'function');
+  return hasFunctions(mod, BINDING_FUNCTIONS);
 }
 
-/** `<repo>/native/console/build/Release/thaw_console.node`, found by walking up from this module (src/ or dist/src/). */
+/** `<repo>/native/console/build/Release/thaw_console.node`. */
 export function defaultConsoleAddonPath(): string {
-  const here = dirname(fileURLToPath(import.meta.url));
-  for (let dir = here, i = 0; i < 6; i++, dir = dirname(dir)) {
-    if (existsSync(join(dir, 'native', 'console', 'binding.gyp'))) return join(dir, 'native', 'console', 'build', 'Release', 'thaw_console.node');
-  }
-  return join(here, '..', '..', 'native', 'console', 'build', 'Release', 'thaw_console.node');
+  return addonPath('console', 'thaw_console.node');
 }
 
-export type ConsoleAddonLoad = { binding: ConsoleBinding; path: string } | { binding: null; path: string; error: Error };
+export type ConsoleAddonLoad = AddonLoad<ConsoleBinding>;
 
-let loaded: ConsoleAddonLoad | undefined;
+const loadThawConsole = addonLoader('thaw_console', isBinding);
 
 /** Loads the addon once per process; a missing or broken build is reported, not thrown. */
 export function loadConsoleAddon(path = defaultConsoleAddonPath()): ConsoleAddonLoad {
-  if (loaded !== undefined && loaded.path === path) return loaded;
-  let result: ConsoleAddonLoad;
-  try {
-    const mod: unknown = createRequire(import.meta.url)(path);
-    result = isBinding(mod) ? { binding: mod, path } : { binding: null, path, error: new Error(`${path} is not thaw_console`) };
-  } catch (err) {
-    result = { binding: null, path, error: err instanceof Error ? err : new Error(String(err)) };
-  }
-  loaded = result;
-  return result;
+  return loadThawConsole(path);
 }
 
 /** The addon, or a FailedPrecondition saying how to get it. */
