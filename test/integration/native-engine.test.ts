@@ -13,6 +13,7 @@ import { RuncError } from '../../src/errors.js';
 import { criuCheck } from '../../src/runc/criu.js';
 import { Runc } from '../../src/runc/runc.js';
 import { buildDemoApp, demoBundle, type DemoAppArgs } from '../helpers/demo-app.js';
+import { until } from '../helpers/wait.js';
 
 /**
  * The real runc 1.1.5 + CRIU 4.1.1 (private prefix) under NativeEngine: a 256 MiB patterned app
@@ -116,15 +117,8 @@ function lines(path: string): string[] {
     .filter((l) => l !== '');
 }
 
-async function waitFor<T>(what: string, fn: () => T | undefined, timeoutMs = 60_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = fn();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(50);
-  }
-}
+/** test/helpers/wait.ts's `until`, with this file's defaults (60 s, every 50 ms). */
+const waitFor = <T>(what: string, fn: () => T | undefined, timeoutMs = 60_000): Promise<T> => until(what, fn, timeoutMs, 50);
 
 /** The `n` of the last TICK line. */
 function lastTick(path: string): number {

@@ -3,7 +3,6 @@ import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, 
 import { cp, mkdtemp, open, readdir, rm, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
 import { pino } from 'pino';
 import t, { type Test } from 'tap';
@@ -14,6 +13,7 @@ import { startLazyRestore, type ImageChecksum } from '../../src/restore/pages.js
 import { criuCheck, criuCheckFeature } from '../../src/runc/criu.js';
 import { WasmXxh64Hasher } from '../../src/snapshot/hash.js';
 import { buildDemoApp, demoBundle } from '../helpers/demo-app.js';
+import { until } from '../helpers/wait.js';
 
 /**
  * The native engine's parallel anonymous-memory restore with the real runc 1.1.5 + CRIU 4.1.1
@@ -174,15 +174,8 @@ function lines(path: string): string[] {
     .filter((l) => l !== '');
 }
 
-async function waitFor<T>(what: string, fn: () => T | undefined, timeoutMs = 60_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = fn();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(50);
-  }
-}
+/** test/helpers/wait.ts's `until`, with this file's defaults (60 s, every 50 ms). */
+const waitFor = <T>(what: string, fn: () => T | undefined, timeoutMs = 60_000): Promise<T> => until(what, fn, timeoutMs, 50);
 
 /** Sends SIGUSR1 and waits for the app's verdict on its memory. */
 async function verify(pid: number, path: string): Promise<string> {
