@@ -53,6 +53,7 @@ import {
   type LazyRestore,
   type LazyRestoreHooks,
 } from '../restore/pages.js';
+import { PageKeeper, type PageKeeperOptions } from '../restore/page-keeper.js';
 import { criuCheckFeature, criuVersion, unmountAllUnder } from '../runc/criu.js';
 import type { RuncStdio, RuncStdioSlot } from '../runc/options.js';
 import { Runc, type RuncVerb } from '../runc/runc.js';
@@ -120,6 +121,11 @@ export type NativeLazyPagesTuning = Pick<
 > & {
   /** For tests: stands in for startLazyRestore. */
   start?: (opts: LazyPagesOptions & { hooks: LazyRestoreHooks }) => Promise<LazyRestore>;
+  /**
+   * The page keeper (restore/page-keeper.ts) that kills the restored container should this process
+   * die mid-fill. On by default; `false` turns it off (benchmarks), an object tunes it (tests).
+   */
+  keeper?: false | Pick<PageKeeperOptions, 'entry' | 'node' | 'readyTimeoutMs' | 'killTimeoutMs'>;
 };
 
 /** What `NativeEngine.restore` takes beyond the Engine's RestoreOptions (whose `pageChecksums` the page server checks while it fills). */
@@ -131,6 +137,8 @@ export interface NativeRestoreOptions extends RestoreOptions {
 /** Directories in the container's state dir for CRIU's restore log (and the page server's socket). */
 const PLAIN_WORK_DIR = 'restore-work';
 const LAZY_WORK_DIR = 'restore-work-lazy';
+/** The page keeper's log, in the container's state dir (outside the work dirs, whose holders a kill targets). */
+const PAGE_KEEPER_LOG = 'page-keeper.log';
 /** CRIU's page images, relative to the snapshot dir (image/pages-1.img). */
 const PAGES_IMAGE = /(^|\/)pages-\d+\.img$/;
 /** How long the kill of a failed restore may take before it counts as failed. */
@@ -377,7 +385,21 @@ export class NativeEngine implements Engine {
   async #restoreLazy(a: RestoreAttempt, checksums: ReadonlyMap<string, ImageChecksum> | undefined): Promise<{ restored: true } | { restored: false; reason: string; err: unknown }> {
     const workDir = join(a.dir, LAZY_WORK_DIR);
     await rm(workDir, { recursive: true, force: true });
-    const { start = startLazyRestore, ...tuning } = this.#lazyTuning;
+    const { start = startLazyRestore, keeper: keeperTuning = {}, ...tuning } = this.#lazyTuning;
+    // Should this process die mid-fill, the keeper kills the container before the uffds close.
+    const keeper: LazyPagesOptions['keeper'] =
+      keeperTuning === false
+        ? undefined
+        : ({ uffds }) =>
+            PageKeeper.spawn({
+              ...keeperTuning,
+              uffds,
+              id: a.id,
+              logPath: join(a.dir, PAGE_KEEPER_LOG),
+              // A CRIU still finishing holds its log in the work dir; the tasks are in the cgroups.
+              targets: { cgroupDirs: cgroupDirs(a.bundle.cgroupsPath), holderPrefixes: [`${workDir}/`] },
+              log: a.log,
+            });
     let ran = false;
     const hooks: LazyRestoreHooks = {
       restore: async (signal) => {
@@ -389,7 +411,7 @@ export class NativeEngine implements Engine {
     };
     let lazy: LazyRestore;
     try {
-      lazy = await a.timer.phase('runc-restore-lazy', () => start({ ...tuning, imageDir: a.imageDir, workDir, checksums, log: a.log, hooks }));
+      lazy = await a.timer.phase('runc-restore-lazy', () => start({ ...tuning, keeper, imageDir: a.imageDir, workDir, checksums, log: a.log, hooks }));
     } catch (err) {
       return this.#lazyFailed(a, err, ran);
     }

@@ -23,6 +23,7 @@ import {
   type NativeFillResult,
   type UffdBinding,
 } from './pages-native.js';
+import type { PageKeeperHandle } from './page-keeper.js';
 
 /**
  * thaw's lazy-pages server: CRIU restores a process with `--lazy-pages` (everything but the
@@ -41,7 +42,7 @@ import {
 export const LAZY_PAGES_SOCKET = 'lazy-pages.socket';
 
 /** Which step failed. */
-export type PagePhase = 'prepare' | 'verify-before' | 'receive' | 'restore' | 'fill' | 'verify';
+export type PagePhase = 'prepare' | 'verify-before' | 'receive' | 'restore' | 'fill' | 'verify' | 'keeper';
 
 export class PageServerError extends ShimError {
   readonly phase: PagePhase;
@@ -113,6 +114,16 @@ export interface LazyPagesOptions {
   log?: Logger;
   /** The addon (tests); default: loadUffdAddon(). */
   binding?: UffdBinding;
+  /**
+   * Starts a page keeper (page-keeper.ts) the moment CRIU's "restore finished" arrives, with every
+   * task's userfaultfd: should this process die before every page is in, the keeper kills the
+   * restored tasks before the last copy of their userfaultfds closes. A keeper that cannot start
+   * (this throws, or `ready` rejects before the fill is done) fails the restore: the tasks are
+   * killed and `PageServerError{phase: 'keeper', killed: true}` lets the caller fall back. Released
+   * by close(); a failed restore whose tasks could not be killed keeps it until this process exits.
+   * Default: none.
+   */
+  keeper?: (held: { uffds: readonly number[]; pids: readonly number[] }) => PageKeeperHandle;
 }
 
 export interface TaskPlan extends PagePlan {
@@ -179,6 +190,10 @@ export class LazyPageServer implements AsyncDisposable {
   #timer: NodeJS.Timeout | undefined;
   readonly #fills: Promise<LazyTaskResult>[] = [];
   readonly #startFd: number;
+  #keeper: PageKeeperHandle | undefined;
+  /** Why the keeper could not start, when that happened before every fill was done. */
+  #keeperError: unknown;
+  #fillsDone = false;
 
   private constructor(
     b: UffdBinding,
@@ -275,6 +290,9 @@ export class LazyPageServer implements AsyncDisposable {
           }
           this.#fills.push(this.#startFill(m.pid, m.uffd));
         } else if (m.kind === 'finished') {
+          // First: CRIU resumes the tasks right after sending this; from the fork on, the keeper
+          // holds their userfaultfds.
+          this.#startKeeper();
           this.#b.cancel(this.#startFd); // opens every fill's gate
           this.#armTimeout();
           return this.pids;
@@ -291,6 +309,32 @@ export class LazyPageServer implements AsyncDisposable {
       this.#closeFd(this.#listenFd);
       this.#listenFd = -1;
     }
+  }
+
+  /** The page keeper, if any (see LazyPagesOptions.keeper). */
+  get keeper(): PageKeeperHandle | undefined {
+    return this.#keeper;
+  }
+
+  #startKeeper(): void {
+    if (this.#opts.keeper === undefined) return;
+    const t0 = performance.now();
+    try {
+      this.#keeper = this.#opts.keeper({ uffds: [...this.#openUffds], pids: this.pids });
+    } catch (err) {
+      throw new PageServerError('Unavailable', `cannot start the page keeper: ${(err as Error).message}`, { phase: 'keeper', pids: this.pids, killed: false }, { cause: err });
+    }
+    const keeper = this.#keeper;
+    const spawnMs = Math.round((performance.now() - t0) * 100) / 100;
+    keeper.ready.then(
+      () => this.#log.debug({ phase: 'page-keeper', pid: keeper.pid, spawnMs, durationMs: Math.round(performance.now() - t0) }, 'page keeper ready'),
+      (err: unknown) => {
+        if (this.#fillsDone || this.#closed) return; // every page is in: nothing left to guard
+        this.#keeperError = err;
+        this.#log.warn({ phase: 'page-keeper', err }, 'page keeper failed to start; giving up the lazy restore');
+        this.cancel();
+      },
+    );
   }
 
   #startFill(pid: number, uffd: number): Promise<LazyTaskResult> {
@@ -346,6 +390,11 @@ export class LazyPageServer implements AsyncDisposable {
       const results = await Promise.all(this.#fills).catch((err: unknown) => {
         throw fromUffdError(err, 'fill');
       });
+      this.#fillsDone = true;
+      if (this.#keeperError !== undefined) {
+        const e = this.#keeperError;
+        throw new PageServerError('Unavailable', (e as Error).message ?? String(e), { phase: 'keeper', pids: this.pids, killed: false }, { cause: e });
+      }
       for (const r of results) this.#check(r);
       return results;
     } finally {
@@ -383,12 +432,16 @@ export class LazyPageServer implements AsyncDisposable {
     }
   }
 
-  /** Closes every descriptor still held and removes the socket. Call after a successful fill, or after the restored tasks are dead. */
+  /**
+   * Closes every descriptor still held, releases the page keeper and removes the socket. Call after
+   * a successful fill, or after the restored tasks are dead.
+   */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
     for (const fd of this.#openUffds) this.#closeFd(fd);
     this.#openUffds.clear();
+    await this.#keeper?.release();
     this.#closeFd(this.#clientFd);
     this.#closeFd(this.#listenFd);
     this.#closeFd(this.#cancelFd);

@@ -1,9 +1,11 @@
 import { connect } from 'node:net';
-import { mkdtemp, readdir, rm, truncate, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t from 'tap';
 import { WasmXxh64Hasher } from '../../src/snapshot/hash.js';
+import { ShimError } from '../../src/errors.js';
+import { PageKeeper, type PageKeeperHandle } from '../../src/restore/page-keeper.js';
 import { loadUffdAddon } from '../../src/restore/pages-native.js';
 import { PagesUnsupportedError } from '../../src/restore/pages-image.js';
 import {
@@ -214,6 +216,74 @@ if (skip) {
         phase: 'receive',
         code: 'Unavailable',
       });
+    });
+
+    // ---- the page keeper (page-keeper.ts) ----
+
+    t.test('keeper: started at "restore finished" with every uffd, released once the pages are in', async (t) => {
+      const w = await world(['sleep:200', 'verify']);
+      const logPath = join(w.workDir, '..', 'keeper.log');
+      const held: { uffds: readonly number[]; pids: readonly number[] }[] = [];
+      let keeper: PageKeeper | undefined;
+      const lazy = await startLazyRestore({
+        imageDir: w.imageDir,
+        workDir: w.workDir,
+        threads: 2,
+        hooks: w.hooks,
+        keeper: (h) => {
+          held.push(h);
+          keeper = PageKeeper.spawn({ ...h, id: 'lazy', logPath, targets: { cgroupDirs: [], pids: [{ pid: w.app().child.pid!, startTime: 0 }] } });
+          return keeper;
+        },
+      });
+      t.equal(held.length, 1, 'one keeper');
+      t.equal(held[0]?.uffds.length, 1, 'holding the one task uffd');
+      t.same(held[0]?.pids, [PID]);
+      await lazy.done;
+      t.same(await keeper!.exited, { code: 0, signal: null }, 'released: exits 0');
+      t.equal((await w.app().exit).code, 0, w.app().output());
+      t.same(w.calls, ['restore'], 'nothing killed');
+      const logs = (await readFile(logPath, 'utf8')).trim().split('\n').map((l) => JSON.parse(l) as { msg: string; uffds?: { file: string }[] });
+      t.match(logs[0]?.uffds, [{ file: 'anon_inode:[userfaultfd]' }], 'the keeper held the userfaultfd');
+      t.match(logs.at(-1)?.msg, /^released/);
+    });
+
+    t.test('keeper cannot start (spawn throws): the restore fails, tasks killed, phase keeper', async (t) => {
+      const w = await world(['sleep:3000', 'verify']);
+      const err = await startLazyRestore({
+        imageDir: w.imageDir,
+        workDir: w.workDir,
+        hooks: w.hooks,
+        keeper: () => {
+          throw new Error('spawn EMFILE');
+        },
+      }).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      t.type(err, PageServerError);
+      t.match(err, { phase: 'keeper', killed: true, message: /cannot start the page keeper: spawn EMFILE/ });
+      t.same(w.calls, ['restore', 'kill']);
+      t.equal((await w.app().exit).signal, 'SIGKILL');
+      t.notMatch(w.app().output(), /VERIFY/);
+    });
+
+    t.test('keeper dies before it is ready: the fill stops, the app is killed before its uffd closes', async (t) => {
+      const w = await world(['sleep:3000', 'verify']);
+      const released: string[] = [];
+      const stub: PageKeeperHandle = {
+        pid: undefined,
+        ready: Promise.reject(new ShimError('Unavailable', 'page keeper failed to start: it exited (code 1)')),
+        exited: Promise.resolve({ code: 1, signal: null }),
+        release: async () => void released.push('release'),
+      };
+      stub.ready.catch(() => undefined);
+      const lazy = await startLazyRestore({ imageDir: w.imageDir, workDir: w.workDir, threads: 1, chunkBytes: 4096, hooks: w.hooks, keeper: () => stub });
+      await t.rejects(lazy.done, { name: 'PageServerError', phase: 'keeper', killed: true, code: 'Unavailable', message: /exited \(code 1\)/ });
+      t.same(w.calls, ['restore', 'kill']);
+      t.same(released, ['release'], 'released after the kill');
+      t.equal((await w.app().exit).signal, 'SIGKILL');
+      t.notMatch(w.app().output(), /VERIFY/);
     });
   }
 }

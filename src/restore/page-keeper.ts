@@ -1,0 +1,370 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, writeFileSync } from 'node:fs';
+import type { Socket } from 'node:net';
+import { dirname, extname, join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { ShimError } from '../errors.js';
+import type { Logger } from '../log/logger.js';
+
+/**
+ * The page keeper: a small detached process that makes a dying thaw process safe during a lazy
+ * restore. While thaw's page server fills a restored app's memory, the kernel resolves the app's
+ * faults on missing pages through the tasks' userfaultfds, which live in thaw. If thaw dies (SIGKILL,
+ * OOM, crash) those fds close, the kernel drops the registrations, and the app reads zero pages where
+ * its memory had not arrived yet: silent corruption.
+ *
+ * The keeper inherits duplicates of the userfaultfds (spawn's stdio) and a socket from thaw (its
+ * stdin). While any copy of a userfaultfd is open its registrations stay, so a task touching a missing
+ * page blocks instead of reading zeros. Then:
+ * - thaw writes "done" (every page is in, or the tasks are already dead): the keeper closes its
+ *   copies and exits;
+ * - its stdin reaches EOF without "done" (thaw died): the keeper kills the whole restored container
+ *   (cgroup.kill where cgroup v2 has it, SIGKILL of every pid in its cgroups, of a CRIU still holding
+ *   its log and of the given pids, with their descendants), waits until they are gone, and only then
+ *   closes its copies and exits.
+ * The keeper lives in its own session (no group signal or hang-up of thaw's reaches it) with cwd /,
+ * logs pino JSON lines to a file (its stderr), and says "ready" on its stdout once it listens.
+ *
+ * This module holds both sides: `PageKeeper.spawn` (thaw) and `runPageKeeper` (the keeper's logic,
+ * started by page-keeper-main.ts). It imports nothing heavy: the keeper starts in ~50 ms.
+ */
+
+/** What the keeper kills when thaw dies before every page was in. */
+export interface PageKeeperTargets {
+  /** Cgroup directories of the restored container (absolute, every hierarchy it has a dir in). */
+  cgroupDirs: readonly string[];
+  /** Processes with an open file under one of these prefixes (a CRIU writing its log), and their descendants. */
+  holderPrefixes?: readonly string[];
+  /** Processes killed with their descendants; `startTime` (field 22 of /proc/pid/stat) 0 = unchecked. */
+  pids?: readonly { pid: number; startTime: number }[];
+}
+
+/** The keeper's configuration, passed as its one argument (JSON). */
+export interface PageKeeperConfig {
+  /** Label for the logs (the container id). */
+  id: string;
+  /** The keeper's fds that are duplicates of the tasks' userfaultfds (3, 4, …). */
+  uffds: number[];
+  targets: PageKeeperTargets;
+  /** How long the kill may take before the keeper gives up (and exits, closing the uffds). */
+  killTimeoutMs: number;
+}
+
+export interface PageKeeperOptions {
+  /** This process's userfaultfds; the keeper gets duplicates as its fds 3, 4, … */
+  uffds: readonly number[];
+  targets: PageKeeperTargets;
+  /** The keeper's log (appended; also receives anything the keeper prints to stderr). */
+  logPath: string;
+  /** Label for the logs (the container id). */
+  id: string;
+  /** How long to wait for the keeper's "ready" (default 30 s: a loaded machine starts node slowly). */
+  readyTimeoutMs?: number;
+  /** Kill deadline inside the keeper (default 30 s). */
+  killTimeoutMs?: number;
+  /** The keeper's entry module (tests); default page-keeper-main.{js,ts} next to this module. */
+  entry?: string;
+  /** The node binary and flags (default process.execPath and process.execArgv: loaders carry over). */
+  node?: { file: string; args: readonly string[] };
+  log?: Logger;
+}
+
+export interface PageKeeperExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+/** What the page server needs of a keeper (PageKeeper, or a stand-in in tests). */
+export interface PageKeeperHandle {
+  readonly pid: number | undefined;
+  /** Resolves once the keeper listens; rejects if it could not start or died first. */
+  readonly ready: Promise<void>;
+  /** Resolves when the keeper exits (never rejects). */
+  readonly exited: Promise<PageKeeperExit>;
+  /** Tells the keeper to let go (no kill); resolves once the message is flushed or the keeper is gone. */
+  release(): Promise<void>;
+}
+
+/** `page-keeper-main.js` (compiled) or `.ts` (run from source), beside this module. */
+export function defaultKeeperEntry(): string {
+  const here = fileURLToPath(import.meta.url);
+  return join(dirname(here), `page-keeper-main${extname(here)}`);
+}
+
+export const KEEPER_READY = 'ready';
+export const KEEPER_DONE = 'done';
+
+/** thaw's side: the spawned keeper. */
+export class PageKeeper implements PageKeeperHandle {
+  readonly ready: Promise<void>;
+  readonly exited: Promise<PageKeeperExit>;
+  readonly #child: ChildProcess;
+  #released: Promise<void> | undefined;
+  #exit: PageKeeperExit | undefined;
+
+  private constructor(child: ChildProcess, opts: PageKeeperOptions) {
+    this.#child = child;
+    this.exited = new Promise((resolve) => {
+      child.once('exit', (code, signal) => {
+        this.#exit = { code, signal };
+        resolve(this.#exit);
+      });
+      child.once('error', () => {
+        if (child.pid === undefined) resolve((this.#exit = { code: null, signal: null })); // never started
+      });
+    });
+    const timeoutMs = opts.readyTimeoutMs ?? 30_000;
+    this.ready = new Promise<void>((resolve, reject) => {
+      let said = '';
+      const timer = setTimeout(() => fail(new Error(`no "${KEEPER_READY}" within ${timeoutMs} ms`)), timeoutMs);
+      timer.unref();
+      const fail = (err: Error) => {
+        clearTimeout(timer);
+        reject(new ShimError('Unavailable', `page keeper failed to start: ${err.message} (log: ${opts.logPath})`, { cause: err }));
+      };
+      child.once('error', fail);
+      void this.exited.then((e) => fail(new Error(`it exited (code ${e.code}, signal ${e.signal}) before it was ready`)));
+      child.stdout?.on('data', (d: Buffer) => {
+        said += d.toString();
+        if (!said.split('\n').includes(KEEPER_READY)) return;
+        clearTimeout(timer);
+        child.stdout?.destroy(); // nothing more to hear
+        resolve();
+      });
+    });
+    // The keeper must not keep thaw alive (a CLI exits after its restore, and a keeper left guarding
+    // tasks that could not be killed must outlive it); only the wait for "ready" does, and the
+    // last moments after release().
+    (child.stdin as unknown as Socket | null)?.unref?.();
+    this.ready.then(
+      () => this.#released === undefined && child.unref(),
+      () => child.unref(),
+    );
+    child.stdin?.on('error', () => undefined); // EPIPE once the keeper is gone: release() sees the exit
+  }
+
+  /**
+   * Starts the keeper. The fork happens before this returns, so the keeper holds its duplicates of
+   * the userfaultfds from here on (before its node has even started). Throws ShimError when the
+   * spawn fails at once; later failures reject `ready`.
+   */
+  static spawn(opts: PageKeeperOptions): PageKeeper {
+    const config: PageKeeperConfig = {
+      id: opts.id,
+      uffds: opts.uffds.map((_, i) => 3 + i),
+      targets: opts.targets,
+      killTimeoutMs: opts.killTimeoutMs ?? 30_000,
+    };
+    const node = opts.node ?? { file: process.execPath, args: process.execArgv };
+    let logFd: number;
+    try {
+      logFd = openSync(opts.logPath, 'a', 0o600);
+    } catch (err) {
+      throw new ShimError('Unavailable', `page keeper: cannot open its log ${opts.logPath}: ${(err as Error).message}`, { cause: err });
+    }
+    try {
+      const child = spawn(node.file, [...node.args, opts.entry ?? defaultKeeperEntry(), JSON.stringify(config)], {
+        // 0: thaw → keeper ("done"; EOF = thaw died), 1: keeper → thaw ("ready"), 2: the log, 3…: uffds.
+        stdio: ['pipe', 'pipe', logFd, ...opts.uffds],
+        detached: true, // own session and process group
+        cwd: '/', // pins no mount
+        env: process.env,
+      });
+      const keeper = new PageKeeper(child, opts);
+      opts.log?.debug({ phase: 'page-keeper', pid: child.pid, uffds: opts.uffds.length }, 'page keeper spawned');
+      return keeper;
+    } catch (err) {
+      throw new ShimError('Unavailable', `page keeper: spawn failed: ${(err as Error).message}`, { cause: err });
+    } finally {
+      closeSync(logFd);
+    }
+  }
+
+  get pid(): number | undefined {
+    return this.#child.pid;
+  }
+
+  release(): Promise<void> {
+    this.#released ??= new Promise<void>((resolve) => {
+      const stdin = this.#child.stdin;
+      if (this.#exit !== undefined || stdin === null || stdin.destroyed) {
+        resolve();
+        return;
+      }
+      this.#child.ref(); // it exits right after reading "done"
+      void this.exited.then(() => resolve());
+      stdin.once('error', () => resolve());
+      // Resolves once flushed: a CLI may exit right after, and an unflushed "done" would read as EOF.
+      stdin.end(`${KEEPER_DONE}\n`, () => resolve());
+    });
+    return this.#released;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The keeper's side (page-keeper-main.ts).
+
+/** Runs the keeper until thaw releases it or dies; returns the exit code (0: done or all killed). */
+export async function runPageKeeper(config: PageKeeperConfig, io: { input: NodeJS.ReadableStream; log: Logger; ready: () => void }): Promise<number> {
+  const log = io.log.child({ id: config.id });
+  const t0 = performance.now();
+  log.info({ phase: 'page-keeper', uffds: config.uffds.map((fd) => ({ fd, file: fdTarget(fd) })), targets: config.targets }, 'page keeper holding the userfaultfds');
+  const verdict = await new Promise<'done' | 'eof'>((resolve) => {
+    let text = '';
+    io.input.on('data', (d: Buffer | string) => {
+      text += d.toString();
+      if (text.split('\n').includes(KEEPER_DONE)) resolve('done');
+    });
+    io.input.once('end', () => resolve('eof'));
+    io.input.once('close', () => resolve('eof'));
+    io.input.once('error', () => resolve('eof'));
+    io.ready();
+  });
+  if (verdict === 'done') {
+    closeAll(config.uffds);
+    log.info({ phase: 'page-keeper', durationMs: Math.round(performance.now() - t0) }, 'released: every page is in; userfaultfds closed');
+    return 0;
+  }
+  log.warn({ phase: 'page-keeper', durationMs: Math.round(performance.now() - t0) }, 'thaw went away before every page was in: killing the restored container');
+  const k0 = performance.now();
+  const result = await killTargets(config.targets, config.killTimeoutMs);
+  // Only now: with a task alive, closing its userfaultfd would hand it zero pages.
+  closeAll(config.uffds);
+  if (result.alive.length > 0) {
+    log.error({ phase: 'page-keeper', pids: result.alive, killed: result.killed, durationMs: Math.round(performance.now() - k0) }, 'restored processes did not die; userfaultfds closed anyway');
+    return 1;
+  }
+  log.info({ phase: 'page-keeper', killed: result.killed, durationMs: Math.round(performance.now() - k0) }, 'restored container killed; userfaultfds closed');
+  return 0;
+}
+
+/**
+ * SIGKILLs everything in the targets until nothing is left alive (zombies count as dead: their
+ * memory is gone) or the deadline passes. Repeats, since a task may fork until it is killed.
+ */
+export async function killTargets(targets: PageKeeperTargets, timeoutMs: number): Promise<{ killed: number[]; alive: number[] }> {
+  const killed = new Set<number>();
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    for (const dir of targets.cgroupDirs) {
+      try {
+        writeFileSync(join(dir, 'cgroup.kill'), '1'); // cgroup v2 (≥ 5.14): the whole subtree, race-free
+      } catch {
+        // v1, absent or already gone: the SIGKILLs below do it
+      }
+    }
+    const victims = liveTargets(targets);
+    if (victims.length === 0) return { killed: [...killed], alive: [] };
+    for (const pid of victims) {
+      try {
+        process.kill(pid, 'SIGKILL');
+        killed.add(pid);
+      } catch {
+        // gone meanwhile
+      }
+    }
+    if (performance.now() > deadline) return { killed: [...killed], alive: liveTargets(targets) };
+    await sleep(20);
+  }
+}
+
+/** Every live (not zombie) process the targets name, this process excepted. */
+function liveTargets(targets: PageKeeperTargets): number[] {
+  const table = procTable();
+  const roots = new Set<number>();
+  for (const dir of targets.cgroupDirs) for (const pid of cgroupProcs(dir)) roots.add(pid);
+  for (const { pid, startTime } of targets.pids ?? []) {
+    const st = table.get(pid);
+    if (st !== undefined && (startTime === 0 || st.startTime === startTime)) roots.add(pid);
+  }
+  if ((targets.holderPrefixes ?? []).length > 0) for (const pid of holdersOf(table, targets.holderPrefixes ?? [])) roots.add(pid);
+  const out = new Set<number>();
+  const children = new Map<number, number[]>();
+  for (const [pid, st] of table) children.set(st.ppid, [...(children.get(st.ppid) ?? []), pid]);
+  const queue = [...roots];
+  while (queue.length > 0) {
+    const pid = queue.pop()!;
+    if (out.has(pid)) continue;
+    out.add(pid);
+    queue.push(...(children.get(pid) ?? []));
+  }
+  out.delete(process.pid);
+  return [...out].filter((pid) => {
+    const state = table.get(pid)?.state;
+    return state !== undefined && state !== 'Z' && state !== 'X';
+  });
+}
+
+interface ProcEntry {
+  state: string;
+  ppid: number;
+  startTime: number;
+}
+
+/** /proc/<pid>/stat of every process, read once. */
+function procTable(): Map<number, ProcEntry> {
+  const out = new Map<number, ProcEntry>();
+  let names: string[] = [];
+  try {
+    names = readdirSync('/proc');
+  } catch {
+    return out;
+  }
+  for (const name of names) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const text = readFileSync(`/proc/${name}/stat`, 'utf8');
+      // The command may hold spaces and parentheses: fields start after the last ')'.
+      const f = text.slice(text.lastIndexOf(')') + 2).split(' ');
+      out.set(Number(name), { state: f[0] ?? '?', ppid: Number(f[1]), startTime: Number(f[19]) });
+    } catch {
+      // gone
+    }
+  }
+  return out;
+}
+
+function cgroupProcs(dir: string): number[] {
+  try {
+    return readFileSync(join(dir, 'cgroup.procs'), 'utf8')
+      .split('\n')
+      .filter((l) => /^\d+$/.test(l))
+      .map(Number);
+  } catch {
+    return [];
+  }
+}
+
+function holdersOf(table: ReadonlyMap<number, ProcEntry>, prefixes: readonly string[]): number[] {
+  const out: number[] = [];
+  for (const pid of table.keys()) {
+    if (pid === process.pid) continue;
+    let fds: string[];
+    try {
+      fds = readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    if (fds.some((fd) => prefixes.some((p) => fdTarget(fd, pid).startsWith(p)))) out.push(pid);
+  }
+  return out;
+}
+
+function fdTarget(fd: number | string, pid: number | 'self' = 'self'): string {
+  try {
+    return readlinkSync(`/proc/${pid}/fd/${fd}`);
+  } catch {
+    return '';
+  }
+}
+
+function closeAll(fds: readonly number[]): void {
+  for (const fd of fds) {
+    try {
+      closeSync(fd);
+    } catch {
+      // not open
+    }
+  }
+}
