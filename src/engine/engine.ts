@@ -4,6 +4,7 @@
  * (validated by `validateContainerId`); each engine maps them to its runtime's own ids.
  */
 import type { ImageChecksum } from '../restore/pages.js';
+import type { LinuxResources } from './cgroup-resources.js';
 import type { ManifestFile } from '../snapshot/manifest.js';
 
 export type EngineName = 'gvisor' | 'native';
@@ -134,4 +135,10 @@ export interface Engine {
   pause(id: string): Promise<void>;
   resume(id: string): Promise<void>;
   stats(id: string): Promise<ResourceStats>;
+  /**
+   * Applies new resource limits to the running container (Task.Update). Optional: the Task service
+   * answers NotImplemented for an engine without it. Fields the engine cannot change are refused
+   * (NotImplemented or InvalidArgument naming the field), never ignored.
+   */
+  update?(id: string, resources: LinuxResources): Promise<void>;
 }

@@ -2,6 +2,8 @@ import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ShimError, isShimError } from '../errors.js';
 import { presentCriToRunsc } from '../bundle/cri.js';
+import { readBundleSpec } from '../bundle/bundle.js';
+import { updateSandboxCgroup, type LinuxResources } from './cgroup-resources.js';
 import { silentLogger, type Logger } from '../log/logger.js';
 import { Runsc, type RunscExecResult, type RunscOptions } from '../runsc/runsc.js';
 import { childReaper, type ChildReaper } from '../runsc/reaper.js';
@@ -311,6 +313,22 @@ export class GvisorEngine implements Engine {
       cpuUsageNanos: s.cpu?.usage?.total,
       pids: s.pids?.current,
     };
+  }
+
+  /**
+   * runsc 20240729 has no `update`: the new limits go straight into the sandbox's cgroup (runsc put
+   * the sentry and the gofer into the spec's linux.cgroupsPath), where the host kernel enforces them.
+   * The sentry keeps what it learnt at boot (--total-memory, --cpu-num): see docs/update.md.
+   */
+  async update(id: string, resources: LinuxResources): Promise<void> {
+    const state = await this.runsc.state(this.#rid(id));
+    const pid = this.#sandboxPids.get(id) ?? (state.pid > 0 ? state.pid : 0);
+    if (state.status === 'stopped' || pid <= 0) throw new ShimError('FailedPrecondition', `cannot update task in ${state.status} state`);
+    const spec = state.bundle ? await readBundleSpec(state.bundle) : undefined;
+    // Only compared with the request (fields it cannot change must stay as they are): not validated.
+    const inSpec = spec?.linux?.['resources'];
+    const specResources = typeof inSpec === 'object' && inSpec !== null ? (inSpec as LinuxResources) : undefined;
+    await updateSandboxCgroup({ pid, resources, specResources, id, log: this.#log });
   }
 
   /** Removes runsc state of containers whose sandboxes died (after a crash of thaw). */

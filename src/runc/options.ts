@@ -126,6 +126,11 @@ export function resumeArgs(id: string): string[] {
   return ['resume', id];
 }
 
+/** New resource limits, read as OCI LinuxResources JSON from stdin (`-`); other update flags are then ignored by runc. */
+export function updateArgs(id: string): string[] {
+  return ['update', '--resources', '-', id];
+}
+
 /** One sample of the container's resource usage, then exit. */
 export function eventsArgs(id: string): string[] {
   return ['events', '--stats', id];

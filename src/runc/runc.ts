@@ -38,6 +38,7 @@ import {
   resumeArgs,
   startArgs,
   stateArgs,
+  updateArgs,
   versionArgs,
   type CheckpointOptions,
   type CreateOptions,
@@ -61,6 +62,7 @@ export type RuncVerb =
   | 'pause'
   | 'resume'
   | 'events'
+  | 'update'
   | 'checkpoint'
   | 'restore'
   | 'version';
@@ -78,6 +80,7 @@ export const DEFAULT_RUNC_TIMEOUTS_MS: Readonly<Record<RuncVerb, number>> = Obje
   pause: 30_000,
   resume: 30_000,
   events: 30_000,
+  update: 30_000,
   // CRIU moves memory at ~1-2 GB/s: tens of GiB (GPU memory included) take minutes.
   checkpoint: 900_000,
   restore: 900_000,
@@ -155,6 +158,8 @@ interface RunRequest {
   criu?: { workDir: string; action: CriuAction };
   /** false for `--version`, which takes no global flags and writes no log. */
   global?: boolean;
+  /** Written to runc's stdin (`update --resources -`); stdio[0] is then unused. */
+  input?: string;
 }
 
 interface RunOutput {
@@ -260,6 +265,14 @@ export class Runc {
   }
 
   /**
+   * Applies new resource limits to the container's cgroup: `runc update --resources -` with `resources`
+   * (an OCI LinuxResources object, e.g. engine/cgroup-resources.ts's) as JSON on stdin.
+   */
+  async update(id: string, resources: object, call: RuncCallOptions = {}): Promise<void> {
+    await this.#run({ verb: 'update', id, argv: updateArgs(safeId(id)), call, input: JSON.stringify(resources) });
+  }
+
+  /**
    * Dumps the container with CRIU into `imagePath`. Without `leaveRunning` CRIU kills the container
    * and runc destroys it (it disappears from `runc list`). On failure the container keeps running.
    */
@@ -344,7 +357,7 @@ export class Runc {
         timeout,
         cancelSignal: call.signal,
         forceKillAfterDelay: 2_000,
-        stdin: execaFd(stdio?.[0] ?? 'ignore'),
+        ...(req.input === undefined ? { stdin: execaFd(stdio?.[0] ?? 'ignore') } : { input: req.input }),
         stdout: execaFd(stdio?.[1] ?? 'pipe'),
         stderr: execaFd(stdio?.[2] ?? 'pipe'),
         encoding: 'utf8',

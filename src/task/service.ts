@@ -21,7 +21,8 @@ import { Status } from '../gen/containerd/v1/types/task_pb.js';
 import { MetricsSchema } from '../gen/io/containerd/cgroups/v1/metrics_pb.js';
 import type { CreateTaskService, TaskServiceContext, TaskServiceImpl } from '../shim/serve.js';
 import { topicOf, type TaskEvent } from './publisher.js';
-import { packAny, unpackAny } from '../wire/any.js';
+import { anyTypeName, packAny, unpackAny, type Any } from '../wire/any.js';
+import { decodeLinuxResources, type LinuxResources } from '../engine/cgroup-resources.js';
 import { toTimestamp } from '../wire/timestamp.js';
 import { Container } from './container.js';
 import { InitProcess } from './process/init.js';
@@ -266,9 +267,15 @@ export class TaskService {
         return {};
       },
 
-      update: (req) => {
-        this.#get(req.id);
-        throw new ShimError('NotImplemented', 'resource updates of running thaw tasks are not supported');
+      // UpdateTaskRequest has no exec id: limits apply to the whole container. No event (containerd publishes none).
+      update: async (req) => {
+        const c = this.#get(req.id);
+        const engine = c.init.engine;
+        if (!engine.update) throw new ShimError('NotImplemented', `the ${engine.name} engine cannot update the resources of a running task`);
+        const status = c.init.status;
+        if (status === 'stopped' || status === 'deleted') throw new ShimError('FailedPrecondition', `cannot update task in ${status} state`);
+        await engine.update(c.id, linuxResourcesOf(req.resources));
+        return {};
       },
 
       stats: async (req) => {
@@ -326,6 +333,19 @@ function processSpecOf(value: Uint8Array | undefined): Record<string, unknown> {
   } catch (err) {
     throw new ShimError('InvalidArgument', `exec process spec is not an OCI process: ${(err as Error).message}`, { cause: err });
   }
+}
+
+/**
+ * UpdateTaskRequest.resources: an OCI LinuxResources as JSON inside the Any (containerd's type URL
+ * types.containerd.io/opencontainers/runtime-spec/1/LinuxResources). WindowsResources is refused.
+ */
+function linuxResourcesOf(any: Any | undefined): LinuxResources {
+  if (!any || any.value.length === 0) throw new ShimError('InvalidArgument', 'update request carries no resources');
+  const type = anyTypeName(any);
+  if (type !== 'LinuxResources' && any.typeUrl !== '') {
+    throw new ShimError('InvalidArgument', `update resources of type ${JSON.stringify(any.typeUrl)}: only OCI LinuxResources apply to a thaw task`);
+  }
+  return decodeLinuxResources(any.value);
 }
 
 /** Hard-links (or copies across filesystems) every file of `src` into `dst`. */
