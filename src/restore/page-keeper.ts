@@ -65,8 +65,11 @@ export interface PageKeeperOptions {
   killTimeoutMs?: number;
   /** The keeper's entry module (tests); default page-keeper-main.{js,ts} next to this module. */
   entry?: string;
-  /** The node binary and flags (default process.execPath and process.execArgv: loaders carry over). */
-  node?: { file: string; args: readonly string[] };
+  /**
+   * The node binary, its flags and environment (default process.execPath, process.execArgv and
+   * process.env: loaders carry over, so the .ts entry runs from source).
+   */
+  node?: { file: string; args: readonly string[]; env?: NodeJS.ProcessEnv };
   log?: Logger;
 }
 
@@ -169,7 +172,7 @@ export class PageKeeper implements PageKeeperHandle {
         stdio: ['pipe', 'pipe', logFd, ...opts.uffds],
         detached: true, // own session and process group
         cwd: '/', // pins no mount
-        env: process.env,
+        env: node.env ?? process.env,
       });
       const keeper = new PageKeeper(child, opts);
       opts.log?.debug({ phase: 'page-keeper', pid: child.pid, uffds: opts.uffds.length }, 'page keeper spawned');

@@ -1,8 +1,10 @@
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
 import { cp, mkdtemp, open, readdir, rm, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { execa } from 'execa';
 import { pino } from 'pino';
 import t, { type Test } from 'tap';
@@ -13,6 +15,7 @@ import { startLazyRestore, type ImageChecksum } from '../../src/restore/pages.js
 import { criuCheck, criuCheckFeature } from '../../src/runc/criu.js';
 import { WasmXxh64Hasher } from '../../src/snapshot/hash.js';
 import { buildDemoApp, demoBundle } from '../helpers/demo-app.js';
+import { REPO, cliEnv, ensureBuilt } from '../helpers/thaw-cli.js';
 import { until } from '../helpers/wait.js';
 
 /**
@@ -29,8 +32,13 @@ import { until } from '../helpers/wait.js';
  * file that differs from the checksums; a truncated pages file (CRIU spins before it hands the
  * task over, then the plain restore hangs too) ends with CRIU and its tasks killed. Afterwards no
  * runc container, cgroup, process, relay, mount or userfaultfd is left.
+ * The page keeper (restore/page-keeper.ts): released after a good fill; a keeper that cannot start
+ * makes the engine fall back to the plain restore; and a process running the restore (a driver
+ * script on the compiled engine, as the shim or the CLI would) SIGKILLed mid-fill leaves no running
+ * container — while without the keeper the same kill leaves the app running on zero pages.
  * Needs root, THAW_INTEGRATION=1, /opt/thaw/criu and the addon (npx node-gyp -C native/uffd rebuild
- * --nodedir=/usr). THAW_LAZY_BENCH=1 adds lazy vs plain timings (3 runs each, medians as comments).
+ * --nodedir=/usr). THAW_LAZY_BENCH=1 adds plain vs lazy vs lazy without the keeper timings (5 runs
+ * each, medians as comments).
  */
 const CRIU = process.env.THAW_CRIU ?? '/opt/thaw/criu/bin/criu';
 const GIB = Number(process.env.THAW_LAZY_TEST_GIB ?? 2);
@@ -269,6 +277,31 @@ function uffdsHeld(): number {
   return n;
 }
 
+/** Page keeper processes of container `id` (their config argument names it). */
+function keepersOf(id: string): number[] {
+  const out: number[] = [];
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const argv = readFileSync(`/proc/${name}/cmdline`, 'utf8').split('\0');
+      if (procStat(Number(name))?.state === 'Z') continue;
+      if (argv.some((a) => /page-keeper-main\.(js|ts)$/.test(a)) && argv.some((a) => a.includes(`"id":${JSON.stringify(id)}`))) out.push(Number(name));
+    } catch {
+      // gone
+    }
+  }
+  return out;
+}
+
+/** The page keeper's log lines of container `id` (in its state dir, gone after delete). */
+function keeperLog(w: World, id: string): LogLine[] {
+  const path = join(w.root, 'containers', w.rid(id), 'page-keeper.log');
+  if (!existsSync(path)) return [];
+  return lines(path)
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as LogLine);
+}
+
 async function assertNothingLeft(t: Test, w: World, ids: readonly string[], relays: readonly RelayRecord[]): Promise<void> {
   t.same(await w.engine().runc.list(), [], 'runc list is empty');
   for (const id of ids) {
@@ -280,6 +313,7 @@ async function assertNothingLeft(t: Test, w: World, ids: readonly string[], rela
   t.same(relaysAlive(relays), [], 'no stdio relay left');
   t.equal(uffdsHeld(), 0, 'no userfaultfd left open in this process');
   t.same(mountsUnder(w.dir), [], 'no mounts left');
+  for (const id of ids) t.same(keepersOf(id), [], `no page keeper left for ${id}`);
 }
 
 function logsOf(w: World, id: string, from: number): LogLine[] {
@@ -311,6 +345,11 @@ t.test(`lazy restore of ${GIB} GiB: bit-exact, verified while filling; fault inj
     t.comment(`lazy restore of ${big.mib} MiB: ${secs.toFixed(2)} s until every page was in (runc returned after ${filled?.restoreMs} ms)`);
     t.match(await verify(st.pid, out.path), /^VERIFY OK .* bad=0$/, `${big.mib} MiB intact`);
     await waitFor('ticks after restore', () => (lines(out.path).some((l) => l.startsWith('TICK')) ? true : undefined));
+    const released = await waitFor('the page keeper to be released', () => keeperLog(w, id).find((l) => /^released/.test(l.msg ?? '')), 60_000);
+    t.ok(released, 'the page keeper guarded the fill and was released');
+    t.match(keeperLog(w, id)[0]?.uffds, [{ file: 'anon_inode:[userfaultfd]' }], 'it held the task’s userfaultfd');
+    await waitFor('the keeper to exit', () => (keepersOf(id).length === 0 ? true : undefined), 10_000);
+    t.ok(processesOf(w.rid(id)).includes(st.pid), 'the app lives on after the keeper let go');
     await w.engine().delete(id, { force: true });
   }
 
@@ -339,7 +378,28 @@ t.test(`lazy restore of ${GIB} GiB: bit-exact, verified while filling; fault inj
     await w.engine().delete(id, { force: true });
   }
 
-  await assertNothingLeft(t, w, ['lazy', 'fill-fails'], relays);
+  // 3. The page keeper cannot start (its "node" exits at once): the lazy attempt is given up before
+  //    the fill ends, its app killed, and the plain restore brings the container back.
+  {
+    const id = 'keeper-fails';
+    const out = w.out(id);
+    const from = w.logs.length;
+    const st = await w.engine({ lazyPages: 'on', lazyPagesTuning: { keeper: { node: { file: '/bin/false', args: [] } } } }).restore({
+      id,
+      bundle: big.bundle,
+      stdio: ['ignore', out.fd, out.fd],
+      imageDir: big.image,
+    });
+    relays.push(...w.relays(id));
+    const logs = logsOf(w, id, from);
+    t.match(logs.find((l) => l.msg === 'restoring without lazy pages'), { fallback: 'restore', reason: /page keeper failed to start/ }, 'the keeper failure is logged with the fallback');
+    t.equal(logs.find((l) => l.msg === 'native restore done')?.mode, 'plain');
+    t.equal(logs.filter((l) => l.msg === 'restored init').length, 2, 'two restores ran');
+    t.match(await verify(st.pid, out.path), /^VERIFY OK .* bad=0$/, 'the fallback restored every byte');
+    await w.engine().delete(id, { force: true });
+  }
+
+  await assertNothingLeft(t, w, ['lazy', 'fill-fails', 'keeper-fails'], relays);
 });
 
 t.test('failures around CRIU: receive timeout, runc killed mid-restore, host pids: plain restore; damaged or truncated pages: refused; nothing left', { skip }, async (t) => {
@@ -475,35 +535,143 @@ t.test('failures around CRIU: receive timeout, runc killed mid-restore, host pid
   await assertNothingLeft(t, w, ['receive-fails', 'cut-off', 'damaged', 'truncated', 'hostpid-fill-fails'], relays);
 });
 
+/**
+ * A restore run by another process (the compiled engine in a driver script, as the shim's serve or
+ * the thaw CLI run it), SIGKILLed mid-fill. With the keeper: the container is killed and the keeper
+ * exits. Without it (the control): the app keeps running and reads zeros where its memory had not
+ * arrived. Then the engine's delete (what containerd runs for a dead shim) leaves nothing behind.
+ */
+t.test(`the process running a lazy restore of ${GIB} GiB is SIGKILLed mid-fill: the keeper kills the container`, { skip }, async (t) => {
+  await ensureBuilt();
+  const w = await world(t);
+  const big = await w.checkpointApp('killed', Math.round(GIB * 1024));
+  const relays: RelayRecord[] = [];
+  const driver = join(w.dir, 'restore-driver.mjs');
+  writeFileSync(
+    driver,
+    `import { openSync } from 'node:fs';
+const c = JSON.parse(process.argv[2]);
+const { NativeEngine } = await import(c.engineModule);
+const { createLogger } = await import(c.loggerModule);
+const out = openSync(c.out, 'a');
+const log = createLogger({ level: 'debug', destination: c.logPath });
+const engine = new NativeEngine({ runcPath: 'runc', criuPath: c.criu, root: c.root, namespace: c.namespace, log, lazyPages: 'on', lazyPagesTuning: c.tuning });
+const st = await engine.restore({ id: c.id, bundle: c.bundle, stdio: ['ignore', out, out], imageDir: c.image });
+console.log('RESTORED ' + st.pid);
+`,
+  );
+  const ids: string[] = [];
+  for (const withKeeper of [true, false]) {
+    const id = withKeeper ? 'driver-killed' : 'driver-killed-no-keeper';
+    ids.push(id);
+    const out = join(w.dir, 'out', `${id}.log`);
+    const logPath = join(w.dir, `${id}-driver.log`);
+    // One slow fill thread, so that the kill lands mid-fill even on a fast machine.
+    const tuning = { threads: 1, chunkBytes: 64 << 10, ...(withKeeper ? {} : { keeper: false }) };
+    const config = {
+      engineModule: pathToFileURL(join(REPO, 'dist', 'src', 'engine', 'native.js')).href,
+      loggerModule: pathToFileURL(join(REPO, 'dist', 'src', 'log', 'logger.js')).href,
+      criu: CRIU,
+      root: w.root,
+      namespace: w.namespace,
+      id,
+      bundle: big.bundle,
+      image: big.image,
+      out,
+      logPath,
+      tuning,
+    };
+    const child = spawn(process.execPath, [driver, JSON.stringify(config)], { env: cliEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
+    let said = '';
+    child.stdout.on('data', (d: Buffer) => (said += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (said += d.toString()));
+    const exited = new Promise<NodeJS.Signals | null>((resolve) => child.once('exit', (_code, signal) => resolve(signal)));
+    t.teardown(() => child.kill('SIGKILL'));
+    const driverLog = (): LogLine[] =>
+      existsSync(logPath)
+        ? lines(logPath)
+            .filter((l) => l.startsWith('{'))
+            .map((l) => JSON.parse(l) as LogLine)
+        : [];
+    const ready = withKeeper ? 'page keeper ready' : 'restore returned, pages arriving';
+    await waitFor(`${id}: the restore to run with pages arriving${withKeeper ? ' and the keeper ready' : ''}`, () => {
+      if (said.includes('RESTORED') || child.exitCode !== null) throw new Error(`the driver finished before the kill: ${said}`);
+      const l = driverLog();
+      return l.some((x) => x.msg === 'restored init') && l.some((x) => x.msg === ready) ? true : undefined;
+    }, 120_000);
+    const logs = driverLog();
+    t.notOk(logs.some((l) => l.msg === 'anonymous memory restored by the page server'), `${id}: the fill is still running`);
+    const init = Number(logs.find((l) => l.msg === 'restored init')?.pid);
+    relays.push(...w.relays(id));
+    t.ok(processesOf(w.rid(id)).includes(init), `${id}: the restored app runs while its pages arrive`);
+    child.kill('SIGKILL');
+    t.equal(await exited, 'SIGKILL', `${id}: the process running the restore was SIGKILLed`);
+    if (withKeeper) {
+      await waitFor('the container to be killed', () => (processesOf(w.rid(id)).length === 0 ? true : undefined), 60_000);
+      t.pass('the keeper killed every process of the container');
+      t.ok(['Z', undefined].includes(procStat(init)?.state), 'the restored app is dead');
+      await waitFor('the keeper to exit', () => (keepersOf(id).length === 0 ? true : undefined), 60_000);
+      const klog = keeperLog(w, id);
+      t.ok(klog.some((l) => l.msg === 'thaw went away before every page was in: killing the restored container'), 'the keeper logged why');
+      const killed = klog.find((l) => l.msg === 'restored container killed; userfaultfds closed');
+      t.ok((killed?.killed as number[] | undefined)?.includes(init), `the keeper killed the app (${JSON.stringify(killed?.killed)})`);
+      t.notOk(lines(out).some((l) => l.startsWith('VERIFY')), 'the app never ran a check on partial memory');
+      t.same(mountsUnder(w.dir), [], 'no mount left by the cut-off restore');
+      const runcState = (await w.engine().runc.list()).filter((c) => c.id === w.rid(id)).map((c) => c.status);
+      t.comment(`before the engine's delete: runc state ${JSON.stringify(runcState)}; keeper killed ${JSON.stringify(killed?.killed)} in ${killed?.durationMs} ms`);
+    } else {
+      // The hazard: the app runs on, zeros where its memory had not arrived.
+      t.ok(processesOf(w.rid(id)).includes(init), 'without the keeper the app keeps running');
+      const verdict = await verify(init, out);
+      t.match(verdict, /^VERIFY FAIL .* bad=[1-9]/, 'and its memory is partly zeros');
+      t.comment(`without the keeper: ${verdict}`);
+    }
+    // What containerd runs after a shim died: the engine's delete.
+    await w.engine().delete(id, { force: true });
+  }
+  await assertNothingLeft(t, w, ids, relays);
+});
+
 const bench = process.env.THAW_LAZY_BENCH;
-t.test(`timings: lazy vs plain restore of ${GIB} GiB, medians of 3`, { skip: skip || (bench ? false : 'THAW_LAZY_BENCH is not set') }, async (t) => {
+const REPS = 5;
+t.test(`timings: plain vs lazy vs lazy without the page keeper, ${GIB} GiB, medians of ${REPS}`, { skip: skip || (bench ? false : 'THAW_LAZY_BENCH is not set') }, async (t) => {
+  await ensureBuilt();
   const w = await world(t);
   const app = await w.checkpointApp('bench', Math.round(GIB * 1024));
-  const runs: Record<'lazy' | 'plain', { restore: number; verified: number; running: number }[]> = { lazy: [], plain: [] };
-  for (let i = 0; i < 3; i++) {
-    for (const mode of ['plain', 'lazy'] as const) {
+  type Mode = 'plain' | 'lazy' | 'lazy-no-keeper';
+  const modes: Mode[] = ['plain', 'lazy', 'lazy-no-keeper'];
+  const runs: Record<Mode, { restore: number; verified: number; running: number; spawnMs: number; readyMs: number }[]> = { plain: [], lazy: [], 'lazy-no-keeper': [] };
+  // The keeper as in production: the compiled entry, no test loaders.
+  const keeper = { entry: join(REPO, 'dist', 'src', 'restore', 'page-keeper-main.js'), node: { file: process.execPath, args: [], env: cliEnv() } };
+  for (let i = 0; i < REPS; i++) {
+    for (const mode of modes) {
       const id = `${mode}-${i}`;
       const out = w.out(id);
       const from = w.logs.length;
+      const engine = w.engine({ lazyPages: mode === 'plain' ? 'off' : 'on', lazyPagesTuning: { keeper: mode === 'lazy' ? keeper : false } });
       const t0 = performance.now();
-      const st = await w.engine({ lazyPages: mode === 'lazy' ? 'on' : 'off' }).restore({ id, bundle: app.bundle, stdio: ['ignore', out.fd, out.fd], imageDir: app.image });
+      const st = await engine.restore({ id, bundle: app.bundle, stdio: ['ignore', out.fd, out.fd], imageDir: app.image });
       const restore = (performance.now() - t0) / 1000;
       t.match(await verify(st.pid, out.path), /^VERIFY OK .* bad=0$/);
       const verified = (performance.now() - t0) / 1000;
       const logs = logsOf(w, id, from);
-      t.equal(logs.find((l) => l.msg === 'native restore done')?.mode, mode);
+      t.equal(logs.find((l) => l.msg === 'native restore done')?.mode, mode === 'plain' ? 'plain' : 'lazy');
       const timings = logs.find((l) => l.msg === 'native restore done')?.timings as Record<string, number>;
-      const running = (mode === 'lazy' ? timings['runc-restore-lazy']! : timings['runc-restore']!) / 1000;
-      runs[mode].push({ restore, verified, running });
+      const running = (mode === 'plain' ? timings['runc-restore']! : timings['runc-restore-lazy']!) / 1000;
+      const ready = logs.find((l) => l.msg === 'page keeper ready');
+      runs[mode].push({ restore, verified, running, spawnMs: Number(ready?.spawnMs ?? NaN), readyMs: Number(ready?.durationMs ?? NaN) });
+      if (mode === 'lazy') await waitFor('the keeper to exit', () => (keepersOf(id).length === 0 ? true : undefined), 10_000);
       await w.engine().delete(id, { force: true });
     }
   }
-  const med = (xs: number[]) => xs.sort((a, b) => a - b)[1]!.toFixed(2);
-  for (const mode of ['plain', 'lazy'] as const) {
+  const med = (xs: number[], digits = 2) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!.toFixed(digits);
+  for (const mode of modes) {
     const r = runs[mode];
     t.comment(
-      `${mode} ${app.mib} MiB (warm): app running after ${med(r.map((x) => x.running))} s; restore() ${med(r.map((x) => x.restore))} s ` +
-        `(${r.map((x) => x.restore.toFixed(2)).join('/')}); → VERIFY OK ${med(r.map((x) => x.verified))} s (${r.map((x) => x.verified.toFixed(2)).join('/')})`,
+      `${mode} ${app.mib} MiB (warm): app running after ${med(r.map((x) => x.running))} s (${r.map((x) => x.running.toFixed(2)).join('/')}); ` +
+        `restore() ${med(r.map((x) => x.restore))} s (${r.map((x) => x.restore.toFixed(2)).join('/')}); ` +
+        `→ VERIFY OK ${med(r.map((x) => x.verified))} s (${r.map((x) => x.verified.toFixed(2)).join('/')})` +
+        (mode === 'lazy' ? `; keeper spawn (synchronous) ${med(r.map((x) => x.spawnMs), 1)} ms (${r.map((x) => x.spawnMs.toFixed(1)).join('/')}), ready after ${med(r.map((x) => x.readyMs), 0)} ms` : ''),
     );
   }
 });
