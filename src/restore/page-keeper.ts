@@ -1,6 +1,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, writeFileSync } from 'node:fs';
 import type { Socket } from 'node:net';
+import { setPriority } from 'node:os';
 import { dirname, extname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
@@ -96,6 +97,8 @@ export function defaultKeeperEntry(): string {
 }
 
 export const KEEPER_READY = 'ready';
+/** The keeper's niceness while it only waits (it idles; the fill needs the CPUs). */
+export const KEEPER_NICE = 19;
 export const KEEPER_DONE = 'done';
 
 /** thaw's side: the spawned keeper. */
@@ -174,6 +177,15 @@ export class PageKeeper implements PageKeeperHandle {
         cwd: '/', // pins no mount
         env: node.env ?? process.env,
       });
+      // Its start-up (~0.15 s of CPU for node) must not slow the fill it guards; it takes normal
+      // priority back when it has to act (root may lower its niceness).
+      if (child.pid !== undefined) {
+        try {
+          setPriority(child.pid, KEEPER_NICE);
+        } catch {
+          // gone already: `ready` says so
+        }
+      }
       const keeper = new PageKeeper(child, opts);
       opts.log?.debug({ phase: 'page-keeper', pid: child.pid, uffds: opts.uffds.length }, 'page keeper spawned');
       return keeper;
@@ -228,6 +240,11 @@ export async function runPageKeeper(config: PageKeeperConfig, io: { input: NodeJ
     closeAll(config.uffds);
     log.info({ phase: 'page-keeper', durationMs: Math.round(performance.now() - t0) }, 'released: every page is in; userfaultfds closed');
     return 0;
+  }
+  try {
+    setPriority(0); // act promptly now (needs CAP_SYS_NICE; niced it still gets there)
+  } catch {
+    // not privileged
   }
   log.warn({ phase: 'page-keeper', durationMs: Math.round(performance.now() - t0) }, 'thaw went away before every page was in: killing the restored container');
   const k0 = performance.now();

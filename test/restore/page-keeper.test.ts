@@ -47,9 +47,12 @@ function exitOf(child: ChildProcess): Promise<{ code: number | null; signal: Nod
   return new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
 }
 
-/** `sh` with a `sleep` child: a small tree (the keeper must kill descendants too). */
+/**
+ * `sh` with a `sleep` child: a small tree (the keeper must kill descendants too). The shell blocks
+ * reading its stdin, so only a signal ends it, not its child's death.
+ */
 function spawnTree(t: Test): { sh: ChildProcess; sleepPid: () => number | undefined } {
-  const sh = spawn('/bin/sh', ['-c', 'sleep 1000 & echo $!; wait'], { stdio: ['ignore', 'pipe', 'ignore'] });
+  const sh = spawn('/bin/sh', ['-c', 'sleep 1000 & echo $!; read x'], { stdio: ['pipe', 'pipe', 'ignore'] });
   let out = '';
   sh.stdout?.on('data', (d: Buffer) => (out += d.toString()));
   t.teardown(() => {
