@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import { setPriority } from 'node:os';
 import { dirname, extname, join } from 'node:path';
@@ -224,6 +224,9 @@ export class PageKeeper implements PageKeeperHandle {
 export async function runPageKeeper(config: PageKeeperConfig, io: { input: NodeJS.ReadableStream; log: Logger; ready: () => void }): Promise<number> {
   const log = io.log.child({ id: config.id });
   const t0 = performance.now();
+  // The container's cgroups as they are now: a keeper left running long (tasks that could not be
+  // killed) must not kill a later container that got the same cgroup path.
+  const cgroups = config.targets.cgroupDirs.map((dir) => ({ dir, ino: inodeOf(dir) })).filter((c) => c.ino !== undefined);
   log.info({ phase: 'page-keeper', uffds: config.uffds.map((fd) => ({ fd, file: fdTarget(fd) })), targets: config.targets }, 'page keeper holding the userfaultfds');
   const verdict = await new Promise<'done' | 'eof'>((resolve) => {
     let text = '';
@@ -248,7 +251,9 @@ export async function runPageKeeper(config: PageKeeperConfig, io: { input: NodeJ
   }
   log.warn({ phase: 'page-keeper', durationMs: Math.round(performance.now() - t0) }, 'thaw went away before every page was in: killing the restored container');
   const k0 = performance.now();
-  const result = await killTargets(config.targets, config.killTimeoutMs);
+  const current = cgroups.filter((c) => inodeOf(c.dir) === c.ino).map((c) => c.dir);
+  if (current.length < cgroups.length) log.warn({ phase: 'page-keeper', dirs: cgroups.filter((c) => !current.includes(c.dir)).map((c) => c.dir) }, 'cgroups re-created since: left alone');
+  const result = await killTargets({ ...config.targets, cgroupDirs: current }, config.killTimeoutMs);
   // Only now: with a task alive, closing its userfaultfd would hand it zero pages.
   closeAll(config.uffds);
   if (result.alive.length > 0) {
@@ -376,6 +381,14 @@ function fdTarget(fd: number | string, pid: number | 'self' = 'self'): string {
     return readlinkSync(`/proc/${pid}/fd/${fd}`);
   } catch {
     return '';
+  }
+}
+
+function inodeOf(path: string): bigint | undefined {
+  try {
+    return statSync(path, { bigint: true }).ino;
+  } catch {
+    return undefined;
   }
 }
 

@@ -5,7 +5,9 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import t, { type Test } from 'tap';
-import { PageKeeper, killTargets } from '../../src/restore/page-keeper.js';
+import { PassThrough } from 'node:stream';
+import { pino } from 'pino';
+import { PageKeeper, killTargets, runPageKeeper } from '../../src/restore/page-keeper.js';
 import { loadUffdAddon } from '../../src/restore/pages-native.js';
 import { until } from '../helpers/wait.js';
 import { buildTarget, spawnTarget, uffdUsable, type Spawned } from './pages-helpers.js';
@@ -175,6 +177,37 @@ t.test('killTargets empties cgroups: cgroup.kill on v2, SIGKILL of cgroup.procs 
     await until('the sleep child to die', () => (alive(sleepPid) ? undefined : true), 10_000);
     t.equal(readFileSync(join(dir, 'cgroup.procs'), 'utf8').trim(), '', `${kind}: the cgroup is empty`);
   }
+});
+
+t.test('runPageKeeper: a cgroup re-created since the keeper started (another container) is left alone', { skip: cgroupSkip }, async (t) => {
+  const base = existsSync('/sys/fs/cgroup/cgroup.kill') ? '/sys/fs/cgroup' : '/sys/fs/cgroup/unified';
+  const dir = join(base, `thaw-keeper-reuse-${process.pid}`);
+  mkdirSync(dir);
+  t.teardown(() => {
+    try {
+      rmdirSync(dir);
+    } catch {
+      // busy or gone
+    }
+  });
+  const logs: LogLine[] = [];
+  const log = pino({ level: 'debug' }, { write: (l: string) => void logs.push(JSON.parse(l) as LogLine) });
+  const input = new PassThrough();
+  let ready = false;
+  const run = runPageKeeper({ id: 'reuse', uffds: [], targets: { cgroupDirs: [dir] }, killTimeoutMs: 5_000 }, { input, log, ready: () => (ready = true) });
+  t.ok(ready, 'ready once it listens');
+  rmdirSync(dir); // the guarded container is gone; a new one gets the same path
+  mkdirSync(dir);
+  const tree = spawnTree(t);
+  const sleepPid = await until('sleep pid', tree.sleepPid, 10_000);
+  writeFileSync(join(dir, 'cgroup.procs'), String(tree.sh.pid));
+  input.end(); // EOF without "done": thaw died
+  t.equal(await run, 0);
+  t.ok(alive(tree.sh.pid) && alive(sleepPid), 'the new container was not touched');
+  t.match(logs.find((l) => l.msg === 'cgroups re-created since: left alone'), { dirs: [dir] });
+  process.kill(tree.sh.pid!, 'SIGKILL');
+  process.kill(sleepPid, 'SIGKILL');
+  await exitOf(tree.sh);
 });
 
 t.test('a keeper that cannot start: ready rejects, exited resolves', async (t) => {
