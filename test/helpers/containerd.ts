@@ -157,7 +157,7 @@ function sourceFingerprint(): string {
     }
   };
   walk(path.join(repo, 'src'));
-  for (const f of ['tsconfig.json', 'package.json', `bin/${SHIM_BINARY}`, 'bin/thaw']) {
+  for (const f of ['tsconfig.json', 'package.json', `bin/${SHIM_BINARY}`, 'bin/thaw', 'bin/launch.mjs', 'scripts/bundle.mjs']) {
     const s = statSync(path.join(repo, f));
     h.update(`${f}\0${s.size}\0${s.mtimeMs}\n`);
   }
@@ -217,7 +217,10 @@ export async function buildThawBinaries(): Promise<string> {
       timeoutMs: 300_000,
     });
     if (tsc.code !== 0) throw new Error(`tsc failed: ${tsc.out}${tsc.err}`);
-    for (const b of [SHIM_BINARY, 'thaw']) {
+    // What ships: the launchers load the bundle (bin/launch.mjs).
+    const bundle = await runCommand(process.execPath, [path.join(repo, 'scripts/bundle.mjs'), path.join(BUILD_DIR, 'dist')], { timeoutMs: 120_000 });
+    if (bundle.code !== 0) throw new Error(`bundling failed: ${bundle.out}${bundle.err}`);
+    for (const b of [SHIM_BINARY, 'thaw', 'launch.mjs']) {
       await copyFile(path.join(repo, 'bin', b), path.join(bin, b));
       await chmod(path.join(bin, b), 0o755);
     }

@@ -111,7 +111,7 @@ export function lastJsonLine(stdout: string): Record<string, unknown> | undefine
 let built: Promise<void> | undefined;
 
 /**
- * The CLI tests exercise dist/, so dist must reflect src/. Rebuilds (tsc) when any .ts under src/,
+ * The CLI tests exercise dist/, so dist must reflect src/. Rebuilds (tsc + bundle) when any .ts under src/,
  * demo/ or bench/ is newer than the built CLI; a lock directory keeps parallel test files from
  * running tsc at once (one builds, the others wait and re-check).
  */
@@ -126,7 +126,7 @@ async function buildIfStale(): Promise<void> {
     if (await takeBuildLock()) {
       try {
         if (!(await isStale())) return;
-        const r = await execa('npx', ['tsc', '-p', 'tsconfig.json'], { cwd: REPO, reject: false, timeout: 300_000, encoding: 'utf8' });
+        const r = await execa('npm', ['run', '--silent', 'build:ts'], { cwd: REPO, reject: false, timeout: 300_000, encoding: 'utf8' });
         // Type errors elsewhere in the tree still emit JavaScript; only a missing output is fatal.
         if (!(await mtimeOf(BUILT_CLI))) throw new Error(`tsc produced no ${BUILT_CLI}: ${r.stdout}${r.stderr}`);
         return;

@@ -97,8 +97,8 @@ function expectedAddress(grpcAddress: string, ns: string, group: string): string
 
 /**
  * Compiles only the shim entry point (and what it imports) into <repo>/tmp/<dir>/dist — inside
- * the repository so node_modules resolve, and git-ignored — and copies bin/'s real launcher beside
- * it, so `../dist/src/cli/shim.js` resolves exactly as in a release.
+ * the repository so node_modules resolve, and git-ignored —, bundles it, and copies bin/'s real
+ * launcher beside it, so `../dist/bundle/shim.js` resolves exactly as in a release.
  */
 async function buildShim(work: string): Promise<string> {
   await writeFile(
@@ -112,8 +112,11 @@ async function buildShim(work: string): Promise<string> {
   );
   const tsc = await run(process.execPath, [path.join(repo, 'node_modules/typescript/bin/tsc'), '-p', path.join(work, 'tsconfig.json')], { timeoutMs: 300_000 });
   if (tsc.code !== 0) throw new Error(`tsc failed: ${tsc.out}${tsc.err}`);
+  const bundled = await run(process.execPath, [path.join(repo, 'scripts/bundle.mjs'), path.join(work, 'dist')], { timeoutMs: 120_000 });
+  if (bundled.code !== 0) throw new Error(`bundling failed: ${bundled.out}${bundled.err}`);
   const bin = path.join(work, 'bin');
   await mkdir(bin);
+  await copyFile(path.join(repo, 'bin', 'launch.mjs'), path.join(bin, 'launch.mjs'));
   await copyFile(path.join(repo, 'bin', SHIM), path.join(bin, SHIM));
   await chmod(path.join(bin, SHIM), 0o755);
   return bin;
