@@ -212,7 +212,7 @@ export function refuseUnchangeable(resources: LinuxResources, spec: LinuxResourc
     if (wanted === undefined) continue;
     const current = spec ? u.get(spec) : undefined;
     if (!sameJson(wanted, current)) {
-      throw new ShimError('NotImplemented', `update ${F(u.field)}: cannot be changed on a running thaw task (${u.why}); only resources.memory limits, cpu shares/quota/period/burst/cpus/mems, pids.limit and unified can`);
+      throw new ShimError('NotImplemented', `update ${F(u.field)}: cannot be changed on a running thaw task (${u.why}); updatable: memory limit/reservation/swap/swappiness, cpu shares/quota/period/burst/cpus/mems, pids.limit, unified`);
     }
   }
 }
