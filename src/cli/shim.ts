@@ -58,12 +58,18 @@ async function runStart(flags: ShimFlags): Promise<number> {
 }
 
 async function runDelete(flags: ShimFlags): Promise<number> {
-  const { deleteDeadShim } = await import('../shim/manager.js');
+  const { deleteDeadShim, deletedTaskReply } = await import('../shim/manager.js');
+  const bundle = flags.bundle || process.cwd();
+  const answered = await deletedTaskReply(bundle);
+  if (answered) {
+    await writeStdout(answered);
+    return 0;
+  }
   const { createLogger } = await import('../log/logger.js');
   const { cleanupDeadTaskWith } = await import('../task/dead-task.js');
   const reply = await deleteDeadShim({
     flags,
-    bundle: flags.bundle || process.cwd(),
+    bundle,
     cleanupDeadTask: cleanupDeadTaskWith(flags.configPath || undefined),
     log: createLogger({ destination: 2, level: flags.debug ? 'debug' : 'info', name: BINARY }),
   });

@@ -10,7 +10,18 @@ import { canConnect, DEFAULT_SOCKET_DIR, groupKeyOf, removeSocket, socketAddress
 import { RUNTIME_NAME, shimVersion } from './version.js';
 
 /** Files containerd and thaw keep in the bundle. */
-export const BUNDLE_FILES = { address: 'address', shimPid: 'shim.pid', log: 'log', spec: 'config.json' } as const;
+export const BUNDLE_FILES = {
+  address: 'address',
+  shimPid: 'shim.pid',
+  log: 'log',
+  spec: 'config.json',
+  /**
+   * The serialized DeleteResponse of the task's own Delete RPC, written by the server once the
+   * task is gone: containerd 1.6/1.7 run `delete` after every shim exit, a clean one included, and
+   * `ctr run --rm` waits for it; with this file it answers without config, engines or protobuf.
+   */
+  deleted: 'thaw-deleted.pb',
+} as const;
 /** Env var telling `serve` which fd to report readiness on (set only by our `start`). */
 export const READY_FD_ENV = 'THAW_READY_FD';
 /** Env var carrying legacy runtime options (base64) that `start` left to `serve` to decode. */
@@ -191,6 +202,14 @@ export async function deleteDeadShim(opts: DeleteOptions): Promise<Uint8Array> {
       exitedAt: toTimestamp(status.exitedAt ?? new Date()),
     }),
   );
+}
+
+/**
+ * `delete` of a task whose server already deleted it (BUNDLE_FILES.deleted): that Delete's answer;
+ * undefined when the task may have left something behind (then deleteDeadShim).
+ */
+export async function deletedTaskReply(bundle: string): Promise<Uint8Array | undefined> {
+  return readFile(path.join(bundle, BUNDLE_FILES.deleted)).catch(() => undefined);
 }
 
 /**

@@ -1,4 +1,4 @@
-import { create } from '@bufbuild/protobuf';
+import { create, toBinary } from '@bufbuild/protobuf';
 import { link, mkdir, readdir, copyFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Cleanup } from '../cleanup.js';
@@ -17,6 +17,8 @@ import {
   TaskStartSchema,
 } from '../gen/containerd/events/task_pb.js';
 import { CheckpointOptionsSchema } from '../gen/containerd/runc/v1/options_pb.js';
+import { DeleteResponseSchema } from '../gen/containerd/task/v2/shim_pb.js';
+import { BUNDLE_FILES } from '../shim/manager.js';
 import { Status } from '../gen/containerd/v1/types/task_pb.js';
 import { MetricsSchema } from '../gen/io/containerd/cgroups/v1/metrics_pb.js';
 import type { CreateTaskService, TaskServiceContext, TaskServiceImpl } from '../shim/serve.js';
@@ -206,7 +208,12 @@ export class TaskService {
         this.#publish(
           create(TaskDeleteSchema, { containerId: c.id, id: c.id, pid: c.init.pid, exitStatus: exit.status, exitedAt: toTimestamp(exit.at) }),
         );
-        return { pid: c.init.pid, exitStatus: exit.status, exitedAt: toTimestamp(exit.at) };
+        const response = create(DeleteResponseSchema, { pid: c.init.pid, exitStatus: exit.status, exitedAt: toTimestamp(exit.at) });
+        // Nothing is left to clean: the `delete` verb containerd runs after the shim exits answers from this.
+        await writeFile(join(c.bundle, BUNDLE_FILES.deleted), toBinary(DeleteResponseSchema, response)).catch((err: unknown) =>
+          this.ctx.log.warn({ id: c.id, err }, 'recording the deleted task for the delete verb failed'),
+        );
+        return response;
       },
 
       exec: async (req) => {

@@ -8,9 +8,11 @@ import os from 'node:os';
 import path from 'node:path';
 import t from 'tap';
 import { AnySchema } from '@bufbuild/protobuf/wkt';
-import { create } from '@bufbuild/protobuf';
+import { create, fromBinary } from '@bufbuild/protobuf';
 import { TaskService } from '../../src/task/service.js';
 import { CONFIG_PATH_FILE } from '../../src/task/dead-task.js';
+import { DeleteResponseSchema } from '../../src/gen/containerd/task/v2/shim_pb.js';
+import { deletedTaskReply } from '../../src/shim/manager.js';
 import { Status } from '../../src/gen/containerd/v1/types/task_pb.js';
 import { MetricsSchema } from '../../src/gen/io/containerd/cgroups/v1/metrics_pb.js';
 import { unpackAny } from '../../src/wire/any.js';
@@ -230,4 +232,22 @@ t.test("Create notes the shim's config path in the bundle for `delete`", async (
   const { call } = service({ configPath: '/etc/thaw/test-config.json' });
   await call('create', createReq('c1', { bundle }));
   t.equal(await readFile(path.join(bundle, CONFIG_PATH_FILE), 'utf8'), '/etc/thaw/test-config.json');
+});
+
+t.test('Delete leaves its answer in the bundle for the delete verb, and only once the task is gone', async (t) => {
+  const bundle = await mkdtemp(path.join(os.tmpdir(), 'thaw-svc-bundle-'));
+  t.teardown(() => rm(bundle, { recursive: true, force: true }));
+  const { call, shim } = service();
+  await call('create', createReq('c1', { bundle }));
+  await call('start', { id: 'c1', execId: '' });
+  t.equal(await deletedTaskReply(bundle), undefined, 'nothing while the task lives');
+  shim.engine.exit('c1', 3);
+  await settle();
+  const deleted = (await call('delete', { id: 'c1', execId: '' })) as { exitStatus: number; pid: number };
+  const recorded = await deletedTaskReply(bundle);
+  t.ok(recorded, 'written at Delete');
+  const decoded = fromBinary(DeleteResponseSchema, recorded!);
+  t.equal(decoded.exitStatus, 3);
+  t.equal(decoded.pid, deleted.pid);
+  t.ok(decoded.exitedAt, 'exited_at kept');
 });
