@@ -125,7 +125,7 @@ export type NativeLazyPagesTuning = Pick<
    * The page keeper (restore/page-keeper.ts) that kills the restored container should this process
    * die mid-fill. On by default; `false` turns it off (benchmarks), an object tunes it (tests).
    */
-  keeper?: false | Pick<PageKeeperOptions, 'entry' | 'node' | 'readyTimeoutMs' | 'killTimeoutMs'>;
+  keeper?: false | Pick<PageKeeperOptions, 'entry' | 'node' | 'shell' | 'readyTimeoutMs' | 'killTimeoutMs'>;
 };
 
 /** What `NativeEngine.restore` takes beyond the Engine's RestoreOptions (whose `pageChecksums` the page server checks while it fills). */

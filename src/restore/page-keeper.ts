@@ -1,7 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
 import type { Socket } from 'node:net';
-import { setPriority } from 'node:os';
 import { dirname, extname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
@@ -27,8 +26,10 @@ import type { Logger } from '../log/logger.js';
  * The keeper lives in its own session (no group signal or hang-up of thaw's reaches it) with cwd /,
  * logs pino JSON lines to a file (its stderr), and says "ready" on its stdout once it listens.
  *
- * This module holds both sides: `PageKeeper.spawn` (thaw) and `runPageKeeper` (the keeper's logic,
- * started by page-keeper-main.ts). It imports nothing heavy: the keeper starts in ~50 ms.
+ * Waiting is done by a shell (`WAIT_SCRIPT`, ~1 MB, a millisecond to start); node, whose start-up
+ * (~0.15 s of CPU, 51 MB of fresh memory) measurably slowed the fill it guards on a 2-vCPU VM, is
+ * exec'd only when there is something to kill: the uffds stay open across the exec. This module
+ * holds both sides: `PageKeeper.spawn` (thaw) and `runPageKeeper` (the kill, page-keeper-main.ts).
  */
 
 /** What the keeper kills when thaw dies before every page was in. */
@@ -66,6 +67,8 @@ export interface PageKeeperOptions {
   killTimeoutMs?: number;
   /** The keeper's entry module (tests); default page-keeper-main.{js,ts} next to this module. */
   entry?: string;
+  /** The shell that waits (default /bin/sh). */
+  shell?: string;
   /**
    * The node binary, its flags and environment (default process.execPath, process.execArgv and
    * process.env: loaders carry over, so the .ts entry runs from source).
@@ -97,9 +100,21 @@ export function defaultKeeperEntry(): string {
 }
 
 export const KEEPER_READY = 'ready';
-/** The keeper's niceness while it only waits (it idles; the fill needs the CPUs). */
-export const KEEPER_NICE = 19;
 export const KEEPER_DONE = 'done';
+
+/**
+ * The waiting keeper: says ready, then blocks reading thaw's socket. "done <ms>" → one log line,
+ * exit (its uffd copies close); EOF or anything else → exec node with page-keeper-main (same fds)
+ * to kill. $1: the id as a JSON string; the rest: node's argv.
+ */
+const WAIT_SCRIPT = `id=$1; shift
+echo ${KEEPER_READY}
+IFS=' ' read -r verb at
+if [ "$verb" = ${KEEPER_DONE} ]; then
+  printf '{"level":30,"time":%s,"pid":%s,"name":"thaw-page-keeper","id":%s,"phase":"page-keeper","msg":"released: every page is in; userfaultfds closed"}\\n' "$at" "$$" "$id" >&2
+  exit 0
+fi
+exec "$@"`;
 
 /** thaw's side: the spawned keeper. */
 export class PageKeeper implements PageKeeperHandle {
@@ -170,22 +185,14 @@ export class PageKeeper implements PageKeeperHandle {
       throw new ShimError('Unavailable', `page keeper: cannot open its log ${opts.logPath}: ${(err as Error).message}`, { cause: err });
     }
     try {
-      const child = spawn(node.file, [...node.args, opts.entry ?? defaultKeeperEntry(), JSON.stringify(config)], {
+      const nodeArgv = [node.file, ...node.args, opts.entry ?? defaultKeeperEntry(), JSON.stringify(config)];
+      const child = spawn(opts.shell ?? '/bin/sh', ['-c', WAIT_SCRIPT, 'thaw-page-keeper', JSON.stringify(opts.id), ...nodeArgv], {
         // 0: thaw → keeper ("done"; EOF = thaw died), 1: keeper → thaw ("ready"), 2: the log, 3…: uffds.
         stdio: ['pipe', 'pipe', logFd, ...opts.uffds],
         detached: true, // own session and process group
         cwd: '/', // pins no mount
         env: node.env ?? process.env,
       });
-      // Its start-up (~0.15 s of CPU for node) must not slow the fill it guards; it takes normal
-      // priority back when it has to act (root may lower its niceness).
-      if (child.pid !== undefined) {
-        try {
-          setPriority(child.pid, KEEPER_NICE);
-        } catch {
-          // gone already: `ready` says so
-        }
-      }
       const keeper = new PageKeeper(child, opts);
       opts.log?.debug({ phase: 'page-keeper', pid: child.pid, uffds: opts.uffds.length }, 'page keeper spawned');
       return keeper;
@@ -211,7 +218,7 @@ export class PageKeeper implements PageKeeperHandle {
       void this.exited.then(() => resolve());
       stdin.once('error', () => resolve());
       // Resolves once flushed: a CLI may exit right after, and an unflushed "done" would read as EOF.
-      stdin.end(`${KEEPER_DONE}\n`, () => resolve());
+      stdin.end(`${KEEPER_DONE} ${Date.now()}\n`, () => resolve());
     });
     return this.#released;
   }
@@ -232,7 +239,7 @@ export async function runPageKeeper(config: PageKeeperConfig, io: { input: NodeJ
     let text = '';
     io.input.on('data', (d: Buffer | string) => {
       text += d.toString();
-      if (text.split('\n').includes(KEEPER_DONE)) resolve('done');
+      if (text.split('\n').some((l) => l.split(' ')[0] === KEEPER_DONE)) resolve('done');
     });
     io.input.once('end', () => resolve('eof'));
     io.input.once('close', () => resolve('eof'));
@@ -243,11 +250,6 @@ export async function runPageKeeper(config: PageKeeperConfig, io: { input: NodeJ
     closeAll(config.uffds);
     log.info({ phase: 'page-keeper', durationMs: Math.round(performance.now() - t0) }, 'released: every page is in; userfaultfds closed');
     return 0;
-  }
-  try {
-    setPriority(0); // act promptly now (needs CAP_SYS_NICE; niced it still gets there)
-  } catch {
-    // not privileged
   }
   log.warn({ phase: 'page-keeper', durationMs: Math.round(performance.now() - t0) }, 'thaw went away before every page was in: killing the restored container');
   const k0 = performance.now();
@@ -272,21 +274,21 @@ export async function killTargets(targets: PageKeeperTargets, timeoutMs: number)
   const killed = new Set<number>();
   const deadline = performance.now() + timeoutMs;
   for (;;) {
+    const victims = liveTargets(targets);
+    if (victims.length === 0) return { killed: [...killed], alive: [] };
     for (const dir of targets.cgroupDirs) {
       try {
-        writeFileSync(join(dir, 'cgroup.kill'), '1'); // cgroup v2 (≥ 5.14): the whole subtree, race-free
+        writeFileSync(join(dir, 'cgroup.kill'), '1'); // cgroup v2 (≥ 5.14): the whole subtree, forks included
       } catch {
         // v1, absent or already gone: the SIGKILLs below do it
       }
     }
-    const victims = liveTargets(targets);
-    if (victims.length === 0) return { killed: [...killed], alive: [] };
     for (const pid of victims) {
+      killed.add(pid);
       try {
         process.kill(pid, 'SIGKILL');
-        killed.add(pid);
       } catch {
-        // gone meanwhile
+        // gone meanwhile (cgroup.kill was quicker)
       }
     }
     if (performance.now() > deadline) return { killed: [...killed], alive: liveTargets(targets) };
