@@ -111,8 +111,7 @@ t.test('cold run, checkpoint, delete, run again: restored under a new id with me
 
 t.test('thaw run without --detach waits and exits with the container’s exit code', { skip }, async (t) => {
   const w = await thawWorld(t);
-  // The app runs ~2 s: `runsc wait` only reports an exit when it attached while the app ran (see the
-  // todo test below).
+  // The app runs ~2 s (an app that exits at once: the next test).
   const bundle = await w.bundle('exits', { mib: 16, initMs: 2500, tickMs: 100, exitAfterTicks: 2, exitCode: 3 });
   const r = await w.thaw(['run', '--bundle', bundle, '--id', 'fg']);
   t.equal(r.exitCode, 3, `thaw exits with the app’s status (stderr: ${r.stderr.trim()})`);
@@ -159,7 +158,8 @@ t.test('thaw run without --detach waits and exits with the container’s exit co
 
 t.test(
   'thaw run without --detach reports the exit code of an app that exits at once',
-  { skip, todo: 'engine attaches runsc wait after start + state; an app exiting sooner loses its status (FailedPrecondition)' },
+  // runsc wait would lose this status (it attaches after the app exited); the CLI reaps the sandbox.
+  { skip },
   async (t) => {
     const w = await thawWorld(t);
     const bundle = await w.bundle('quick', { mib: 1, initMs: 0, tickMs: 10, exitAfterTicks: 1, exitCode: 3 });

@@ -10,6 +10,7 @@ import { tmpDirOf } from '../../engine/runtime.js';
 import type { GlobalOptions } from '../context.js';
 import type { VerbResult } from '../output.js';
 import { runtimeFor } from './common.js';
+import { enableChildReaper } from '../../runsc/reaper.js';
 
 interface RunArgs {
   bundle: string;
@@ -22,6 +23,10 @@ interface RunArgs {
 export default async function run(args: Record<string, unknown>, global: GlobalOptions): Promise<VerbResult> {
   const a = args as unknown as RunArgs;
   const rt = await runtimeFor(global);
+  // In the foreground the sandbox becomes this process's child, so its exit status is read exactly
+  // and at once (runsc/reaper.ts), not from `runsc wait`. Not with --detach: the pidfds it watches
+  // would keep this process alive.
+  if (!a.detach) enableChildReaper({ log: rt.log });
   // O_APPEND: a restored app resumes writing at its pre-checkpoint offset otherwise (runsc).
   const output = a.output ? await open(resolve(a.output), 'a') : undefined;
   const devnull = a.detach && !output ? await open('/dev/null', 'a') : undefined;
