@@ -1,4 +1,5 @@
-// Bundles tsc's output (dist/src) for the two binaries into dist/bundle with esbuild:
+// Bundles tsc's output (dist/src) for the two binaries (and the page keeper they exec) into dist/bundle
+// with esbuild:
 //   node scripts/bundle.mjs [DIST]
 //
 // Why: containerd runs three Node processes per container (`start`, `serve`, `delete`), and Node 20
@@ -24,9 +25,14 @@ const OLD_CHUNK_GRACE_MS = 10 * 60_000;
 
 await rm(staging, { recursive: true, force: true });
 const result = await build({
-  // Those of the two that were compiled (a test may compile the shim alone).
-  entryPoints: ['shim', 'thaw']
-    .map((name) => ({ in: path.join(dist, 'src', 'cli', `${name}.js`), out: name }))
+  // Those that were compiled (a test may compile the shim alone). The page keeper is exec'd by path
+  // (restore/page-keeper.ts looks for it beside its module, then at the bundle's top).
+  entryPoints: [
+    { in: 'src/cli/shim.js', out: 'shim' },
+    { in: 'src/cli/thaw.js', out: 'thaw' },
+    { in: 'src/restore/page-keeper-main.js', out: 'page-keeper-main' },
+  ]
+    .map((entry) => ({ ...entry, in: path.join(dist, entry.in) }))
     .filter((entry) => existsSync(entry.in)),
   outdir: staging,
   bundle: true,

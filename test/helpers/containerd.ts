@@ -142,7 +142,8 @@ export function integrationSkipReason({ bins = ['containerd', 'ctr', 'runsc', 't
 // ---------------------------------------------------------------- thaw build
 
 const BUILD_DIR = path.join(repo, 'tmp', 'it-build');
-const BUILD_ENTRIES = ['src/cli/shim.ts', 'src/cli/thaw.ts'];
+// The page keeper's entry is exec'd by path, not imported: it must be compiled on its own.
+const BUILD_ENTRIES = ['src/cli/shim.ts', 'src/cli/thaw.ts', 'src/restore/page-keeper-main.ts'];
 
 function sourceFingerprint(): string {
   const h = createHash('sha256');
