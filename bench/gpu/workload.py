@@ -14,17 +14,30 @@ Modes
 
 Command channel (CRIU-safe: no fd stays open between commands): the controller writes
 CTL/cmd-<seq> (atomic rename) holding one word; the workload polls CTL every 2 ms, runs it and
-writes CTL/resp-<seq>.json. Commands: ping (one graph replay + sync: "serving"), verify, exit.
+writes CTL/resp-<seq>.json. Commands: ping (one graph replay + sync: "serving"), sync
+(cudaDeviceSynchronize alone), verify, exit,
+kv-release / kv-reacquire (see Workload.kv_release), and the weight-parking commands:
+  park        copy the weights (every non-KV buffer) into private anonymous host memory pinned with
+              cudaHostRegister, free them on the GPU: a checkpoint then moves little device memory,
+              and CRIU (thaw's page server) restores the weights as ordinary process memory;
+  park-unreg  the same, then cudaHostUnregister before the checkpoint (the CUDA restore then has
+              no host registration to re-pin);
+  unpark      copy them back to the GPU (re-registering chunk by chunk after park-unreg);
+  park-free   unregister and unmap the host copy (after unpark; not part of a restore's timing).
 Events (JSON lines with wall-clock timestamps) are appended to CTL/events.jsonl.
 """
 import argparse
+import faulthandler
+import gc
 import hashlib
 import json
+import mmap
 import os
 import sys
 import time
 
 T_EXEC = time.time()
+faulthandler.enable()  # a fatal signal (e.g. after a restore) leaves a Python traceback on stderr
 # cuBLAS picks deterministic algorithms with a fixed workspace: results must be bit-exact across restore.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 CHUNK = 256 << 20  # bytes
@@ -57,6 +70,8 @@ def main():
     # `kv-reacquire` re-creates, as vLLM's /sleep?level=1 and /wake_up do (issue 6's kv-cache policy).
     ap.add_argument("--kv-gib", type=float, default=None)
     ap.add_argument("--ctl", required=True)
+    # Parked weights live in MADV_HUGEPAGE memory: pinning fresh memory faults it in 2 MiB at a time.
+    ap.add_argument("--park-hugepages", type=int, default=1)
     args = ap.parse_args()
     if args.kv_gib is None:
         args.kv_gib = 2.0 if args.mode == "qwen" else 0.0
@@ -207,6 +222,135 @@ class Workload:
         if hasattr(torch._C, "_host_emptyCache"):
             torch._C._host_emptyCache()
 
+    # ---- weights parked in pinned host memory ----
+    def park(self, keep_registered=True):
+        """Moves every non-KV buffer into one private anonymous host mapping pinned with
+        cudaHostRegister (pageable memory made pinned: CRIU restores it as ordinary anonymous memory,
+        unlike cudaHostAlloc's shared /dev/zero maps) and frees it on the GPU."""
+        torch = self.torch
+        if getattr(self, "parked", None):
+            return {"ok": False, "error": "already parked"}
+        t0 = now()
+        slots, off = [], 0
+        for i, (name, t, seed) in enumerate(self.buffers):
+            if name.startswith("kv"):
+                continue
+            nbytes = t.numel() * t.element_size()
+            slots.append({"index": i, "name": name, "seed": seed, "off": off, "nbytes": nbytes, "dtype": t.dtype})
+            off += nbytes
+        t = None  # the loop's last buffer must not outlive the park (its GPU memory would stay)
+        total = off
+        if total == 0:
+            return {"ok": False, "error": "no weights to park"}
+        mm = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if self.args.park_hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        host = torch.frombuffer(mm, dtype=torch.uint8)
+        cudart = torch.cuda.cudart()
+        rc = int(cudart.cudaHostRegister(host.data_ptr(), total, 0))
+        if rc != 0:
+            del host
+            mm.close()
+            return {"ok": False, "error": f"cudaHostRegister of {total} bytes failed: cudaError {rc}"}
+        t_reg = now()
+        for s in slots:
+            src = self.buffers[s["index"]][1]
+            host[s["off"] : s["off"] + s["nbytes"]].copy_(src.view(-1).view(torch.uint8), non_blocking=True)
+        torch.cuda.synchronize()
+        t_copy = now()
+        parked_idx = {s["index"] for s in slots}
+        self.park_order = [b[0] for b in self.buffers]
+        self.buffers = [b for i, b in enumerate(self.buffers) if i not in parked_idx]
+        src = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        t_free = now()
+        registered = [(host.data_ptr(), total)]
+        if not keep_registered:
+            rc = int(cudart.cudaHostUnregister(host.data_ptr()))
+            if rc != 0:
+                return {"ok": False, "error": f"cudaHostUnregister failed: cudaError {rc}"}
+            registered = []
+        t_unreg = now()
+        self.parked = {"mm": mm, "host": host, "total": total, "slots": slots, "registered": registered}
+        return {
+            "ok": True, "bytes": total, "buffers": len(slots), "keptRegistered": keep_registered,
+            "registerS": round(t_reg - t0, 3), "copyS": round(t_copy - t_reg, 3), "gpuFreeS": round(t_free - t_copy, 3),
+            "unregisterS": round(t_unreg - t_free, 3), "s": round(t_unreg - t0, 3),
+            "copyGBps": round(total / max(t_copy - t_reg, 1e-9) / 1e9, 1),
+            "memAllocated": torch.cuda.memory_allocated(), "memReserved": torch.cuda.memory_reserved(),
+        }
+
+    def unpark(self):
+        """Copies the parked weights back to the GPU (one allocation, views per buffer). After
+        park-unreg the host copy is touched (its pages may still be arriving through the page
+        server), registered and copied chunk by chunk, so the three overlap across chunks."""
+        torch = self.torch
+        p = getattr(self, "parked", None)
+        if not p:
+            return {"ok": False, "error": "nothing parked"}
+        t0 = now()
+        torch.cuda.synchronize()  # the first CUDA call: blocks while the process is still CUDA-locked
+        t_cuda = now()
+        total, host = p["total"], p["host"]
+        big = torch.empty(total, dtype=torch.uint8, device=self.dev)
+        t_alloc = now()
+        touch_s = reg_s = 0.0
+        if p["registered"]:
+            big.copy_(host, non_blocking=True)
+        else:
+            cudart = torch.cuda.cudart()
+            off = 0
+            while off < total:
+                n = min(CHUNK, total - off)
+                hc = host[off : off + n]
+                a = now()
+                int(hc[::4096].sum())  # one read per 4 KiB page: faults them in through userfaultfd
+                b = now()
+                rc = int(cudart.cudaHostRegister(hc.data_ptr(), n, 0))
+                if rc != 0:
+                    return {"ok": False, "error": f"cudaHostRegister at offset {off} failed: cudaError {rc}"}
+                p["registered"].append((hc.data_ptr(), n))
+                touch_s += b - a
+                reg_s += now() - b
+                big[off : off + n].copy_(hc, non_blocking=True)
+                off += n
+        torch.cuda.synchronize()
+        t_copy = now()
+        restored = {}
+        for s in p["slots"]:
+            restored[s["name"]] = (s["name"], big[s["off"] : s["off"] + s["nbytes"]].view(s["dtype"]), s["seed"])
+        others = {b[0]: b for b in self.buffers}
+        self.buffers = [restored.get(n) or others[n] for n in self.park_order if n in restored or n in others]
+        self.buffers += [b for n, b in others.items() if n not in self.park_order]
+        self.parked_host = p  # kept until park-free
+        self.parked = None
+        return {
+            "ok": True, "bytes": total, "tStart": t0, "cudaWaitS": round(t_cuda - t0, 3), "allocS": round(t_alloc - t_cuda, 3),
+            "touchS": round(touch_s, 3), "registerS": round(reg_s, 3), "copyS": round(t_copy - t_alloc, 3),
+            "s": round(t_copy - t0, 3), "copyGBps": round(total / max(t_copy - t_alloc, 1e-9) / 1e9, 1),
+        }
+
+    def park_free(self):
+        """Unregisters and unmaps the host copy the last unpark left."""
+        p = getattr(self, "parked_host", None)
+        if not p:
+            return {"ok": False, "error": "no host copy"}
+        t0 = now()
+        cudart = self.torch.cuda.cudart()
+        bad = [ptr for ptr, _ in p["registered"] if int(cudart.cudaHostUnregister(ptr)) != 0]
+        t_unreg = now()
+        self.parked_host = None
+        mm = p["mm"]
+        p.clear()
+        gc.collect()
+        try:
+            mm.close()
+            closed = True
+        except BufferError:  # a view still exports the buffer: unmapped when collected
+            closed = False
+        return {"ok": not bad, "unregisterS": round(t_unreg - t0, 3), "unmapS": round(now() - t_unreg, 3), "unmapped": closed}
+
     # ---- compute: cuBLAS matmul + a captured graph ----
     def compute(self):
         torch = self.torch
@@ -311,6 +455,18 @@ class CpuWorkload:
     def kv_reacquire(self):
         return {"ok": True, "buffers": 0}
 
+    # No GPU: the parking commands only exercise the controller's plumbing.
+    def park(self, keep_registered=True):
+        self.parked = True
+        return {"ok": True, "bytes": 0, "keptRegistered": keep_registered}
+
+    def unpark(self):
+        ok, self.parked = getattr(self, "parked", False), False
+        return {"ok": ok, "bytes": 0} if ok else {"ok": False, "error": "nothing parked"}
+
+    def park_free(self):
+        return {"ok": True}
+
     def verify(self):
         t0 = now()
         ok = hashlib.sha256(self.data).hexdigest() == self.reference
@@ -337,12 +493,24 @@ def serve(ctl, w):
             try:
                 if cmd == "ping":
                     res = w.ping()
+                elif cmd == "sync":  # a bare CUDA call (cudaDeviceSynchronize)
+                    if hasattr(w, "torch"):
+                        w.torch.cuda.synchronize()
+                    res = {"ok": True}
                 elif cmd == "verify":
                     res = w.verify()
                 elif cmd == "kv-release":
                     res = w.kv_release()
                 elif cmd == "kv-reacquire":
                     res = w.kv_reacquire()
+                elif cmd == "park":
+                    res = w.park(keep_registered=True)
+                elif cmd == "park-unreg":
+                    res = w.park(keep_registered=False)
+                elif cmd == "unpark":
+                    res = w.unpark()
+                elif cmd == "park-free":
+                    res = w.park_free()
                 elif cmd == "exit":
                     res = {"ok": True}
                 else:
