@@ -140,12 +140,20 @@ case "$MODE" in
     # the Debian liburing/libaio/libxxhash they link): without them thaw falls back to TypeScript I/O and
     # the plain CRIU restore.
     if [ -d .gpu/native ]; then cp -r .gpu/native "$W/app/native"; export LD_LIBRARY_PATH=$W/app/native/lib; fi
-    # THAW_CASES: space-separated GIB[:KVGIB[:KV[:LAZY[:DROP]]]], e.g. "16.4 16.4:0:keep:off 8:8:discard"
+    # THAW_CASES: space-separated GIB[:KVGIB[:KV[:LAZY[:DROP[:ROUTE[:QUEUE[:PRE]]]]]]], e.g. "16.4 16.4:0:keep:off
+    # 8:8:discard" or "8:0:keep:auto:0:park" (ROUTE driver|park|park-unreg, QUEUE 0|1, PRE commands joined
+    # by '+': see thaw-e2e.sh). REPS, CACHES pass through to thaw-e2e.sh (restores per snapshot, cache
+    # states); CASE_TIMEOUT_S bounds each case (default 280).
     for c in ${THAW_CASES:-${GIBS:-1 8}}; do
-      IFS=: read -r gib kvgib kv lazy drop <<< "$c"
-      step "thaw e2e: pattern $gib GiB, kv ${kvgib:-0} GiB ${kv:-keep}, lazy pages ${lazy:-default}, drop ${drop:-0}"
-      KVGIB=${kvgib:-0} KV=${kv:-keep} LAZY=${lazy:-} DROP=${drop:-0} timeout 280 bash bench/gpu/thaw-e2e.sh "$NODE" "$W/app/dist/src/cli/thaw.js" \
-        "$RUNC" "$CRIU" "$TC" "$PY" "$BINDS" pattern "$gib" "$OUT/e2e-${c//:/-}" || echo "thaw e2e $c FAILED rc=$?"
+      IFS=: read -r gib kvgib kv lazy drop route queue pre <<< "$c"
+      step "thaw e2e: pattern $gib GiB, kv ${kvgib:-0} GiB ${kv:-keep}, lazy pages ${lazy:-default}, drop ${drop:-0}, route ${route:-driver}, queue ${queue:-0} ${pre:-}, reps ${REPS:-1} x ${CACHES:-default}"
+      KVGIB=${kvgib:-0} KV=${kv:-keep} LAZY=${lazy:-} DROP=${drop:-0} ROUTE=${route:-driver} QUEUE=${queue:-0} PRE=${pre//+/ } timeout "${CASE_TIMEOUT_S:-280}" bash bench/gpu/thaw-e2e.sh "$NODE" "$W/app/dist/src/cli/thaw.js" \
+        "$RUNC" "$CRIU" "$TC" "$PY" "$BINDS" pattern "$gib" "$OUT/e2e-${c//:/-}"
+      rc=$?
+      if [ "$rc" != 0 ]; then
+        echo "thaw e2e $c FAILED rc=$rc"
+        pkill -9 -f '[w]orkload\.py'; sleep 1  # what a killed case left (its trap deletes the containers)
+      fi
     done
     ;;
   smoke)
