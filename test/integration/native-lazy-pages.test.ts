@@ -641,7 +641,7 @@ t.test(`timings: plain vs lazy vs lazy without the page keeper, ${GIB} GiB, medi
   const app = await w.checkpointApp('bench', Math.round(GIB * 1024));
   type Mode = 'plain' | 'lazy' | 'lazy-no-keeper';
   const modes: Mode[] = ['plain', 'lazy', 'lazy-no-keeper'];
-  const runs: Record<Mode, { restore: number; verified: number; running: number; spawnMs: number; readyMs: number }[]> = { plain: [], lazy: [], 'lazy-no-keeper': [] };
+  const runs: Record<Mode, { restore: number; verified: number; running: number; fill: number; spawnMs: number; readyMs: number }[]> = { plain: [], lazy: [], 'lazy-no-keeper': [] };
   // The keeper as in production: the compiled entry, no test loaders.
   const keeper = { entry: join(REPO, 'dist', 'src', 'restore', 'page-keeper-main.js'), node: { file: process.execPath, args: [], env: cliEnv() } };
   for (let i = 0; i < REPS; i++) {
@@ -660,7 +660,7 @@ t.test(`timings: plain vs lazy vs lazy without the page keeper, ${GIB} GiB, medi
       const timings = logs.find((l) => l.msg === 'native restore done')?.timings as Record<string, number>;
       const running = (mode === 'plain' ? timings['runc-restore']! : timings['runc-restore-lazy']!) / 1000;
       const ready = logs.find((l) => l.msg === 'page keeper ready');
-      runs[mode].push({ restore, verified, running, spawnMs: Number(ready?.spawnMs ?? NaN), readyMs: Number(ready?.durationMs ?? NaN) });
+      runs[mode].push({ restore, verified, running, fill: (timings['lazy-fill'] ?? NaN) / 1000, spawnMs: Number(ready?.spawnMs ?? NaN), readyMs: Number(ready?.durationMs ?? NaN) });
       if (mode === 'lazy') await waitFor('the keeper to exit', () => (keepersOf(id).length === 0 ? true : undefined), 10_000);
       await w.engine().delete(id, { force: true });
     }
@@ -672,6 +672,7 @@ t.test(`timings: plain vs lazy vs lazy without the page keeper, ${GIB} GiB, medi
       `${mode} ${app.mib} MiB (warm): app running after ${med(r.map((x) => x.running))} s (${r.map((x) => x.running.toFixed(2)).join('/')}); ` +
         `restore() ${med(r.map((x) => x.restore))} s (${r.map((x) => x.restore.toFixed(2)).join('/')}); ` +
         `→ VERIFY OK ${med(r.map((x) => x.verified))} s (${r.map((x) => x.verified.toFixed(2)).join('/')})` +
+        (mode === 'plain' ? '' : `; fill ${med(r.map((x) => x.fill))} s (${r.map((x) => x.fill.toFixed(2)).join('/')})`) +
         (mode === 'lazy' ? `; keeper spawn (synchronous) ${med(r.map((x) => x.spawnMs), 1)} ms (${r.map((x) => x.spawnMs.toFixed(1)).join('/')}), ready after ${med(r.map((x) => x.readyMs), 0)} ms` : ''),
     );
   }
