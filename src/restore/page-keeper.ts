@@ -61,7 +61,7 @@ export interface PageKeeperOptions {
   logPath: string;
   /** Label for the logs (the container id). */
   id: string;
-  /** How long to wait for the keeper's "ready" (default 30 s: a loaded machine starts node slowly). */
+  /** How long to wait for the keeper's "ready" (default 30 s). */
   readyTimeoutMs?: number;
   /** Kill deadline inside the keeper (default 30 s). */
   killTimeoutMs?: number;
@@ -105,13 +105,15 @@ export const KEEPER_DONE = 'done';
 /**
  * The waiting keeper: says ready, then blocks reading thaw's socket. "done <ms>" → one log line,
  * exit (its uffd copies close); EOF or anything else → exec node with page-keeper-main (same fds)
- * to kill. $1: the id as a JSON string; the rest: node's argv.
+ * to kill. $1: the id as a JSON string; the rest: node's argv. SIGPIPE is ignored: spawn resets it
+ * to the default, and a thaw gone before it read "ready" must not take the keeper with it.
  */
-const WAIT_SCRIPT = `id=$1; shift
+const WAIT_SCRIPT = `trap '' PIPE
+id=$1; shift
 echo ${KEEPER_READY}
 IFS=' ' read -r verb at
 if [ "$verb" = ${KEEPER_DONE} ]; then
-  printf '{"level":30,"time":%s,"pid":%s,"name":"thaw-page-keeper","id":%s,"phase":"page-keeper","msg":"released: every page is in; userfaultfds closed"}\\n' "$at" "$$" "$id" >&2
+  printf '{"level":30,"time":%s,"pid":%s,"name":"thaw-page-keeper","id":%s,"phase":"page-keeper","msg":"released (every page in, or the tasks already killed); userfaultfds closed"}\\n' "$at" "$$" "$id" >&2
   exit 0
 fi
 exec "$@"`;
@@ -248,7 +250,7 @@ export async function runPageKeeper(config: PageKeeperConfig, io: { input: NodeJ
   });
   if (verdict === 'done') {
     closeAll(config.uffds);
-    log.info({ phase: 'page-keeper', durationMs: Math.round(performance.now() - t0) }, 'released: every page is in; userfaultfds closed');
+    log.info({ phase: 'page-keeper', durationMs: Math.round(performance.now() - t0) }, 'released (every page in, or the tasks already killed); userfaultfds closed');
     return 0;
   }
   log.warn({ phase: 'page-keeper', durationMs: Math.round(performance.now() - t0) }, 'thaw went away before every page was in: killing the restored container');

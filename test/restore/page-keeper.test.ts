@@ -150,6 +150,29 @@ setInterval(() => {}, 1000);
   t.ok((done?.killed as number[]).includes(tree.sh.pid!) && (done?.killed as number[]).includes(sleepPid), `killed ${JSON.stringify(done?.killed)}`);
 });
 
+t.test('the parent dies right after the spawn, before it read "ready": the keeper still kills', async (t) => {
+  const dir = scratch();
+  const logPath = join(dir, 'keeper.log');
+  const tree = spawnTree(t);
+  await until('sleep pid', tree.sleepPid, 10_000);
+  const script = join(dir, 'parent.mjs');
+  await writeFile(
+    script,
+    `const { PageKeeper } = await import(${JSON.stringify(KEEPER_MODULE)});
+const [logPath, pid] = process.argv.slice(2);
+const k = PageKeeper.spawn({ uffds: [0], id: 'c6', logPath, targets: { cgroupDirs: [], pids: [{ pid: Number(pid), startTime: 0 }] } });
+console.log('KEEPER ' + k.pid);
+process.kill(process.pid, 'SIGKILL');
+`,
+  );
+  const parent = spawnParent(t, script, [logPath, String(tree.sh.pid)]);
+  const keeperPid = Number((await until('the keeper', line(parent.out, 'KEEPER '), 60_000)).split(' ')[1]);
+  reapKeeper(t, () => keeperPid);
+  t.same(await exitOf(tree.sh), { code: null, signal: 'SIGKILL' }, 'the target was SIGKILLed');
+  await until('the keeper to exit', () => (alive(keeperPid) ? undefined : true), 30_000);
+  t.ok(logLines(logPath).some((l) => l.msg === 'restored container killed; userfaultfds closed'), 'the kill is logged');
+});
+
 const cgroupSkip = process.getuid?.() !== 0 ? 'needs root (cgroups)' : !existsSync('/sys/fs/cgroup/cgroup.procs') && !existsSync('/sys/fs/cgroup/unified/cgroup.procs') ? 'no cgroup v2 hierarchy' : false;
 t.test('killTargets empties cgroups: cgroup.kill on v2, SIGKILL of cgroup.procs on v1', { skip: cgroupSkip }, async (t) => {
   const name = `thaw-keeper-test-${process.pid}`;
