@@ -6,6 +6,7 @@ import {
   createWriteStream,
   open as fsOpen,
   openSync,
+  readSync,
   statSync,
   writeSync,
 } from 'node:fs';
@@ -34,6 +35,13 @@ import { addonLoader, addonPath, hasFunctions, type AddonLoad } from '../native-
  * (the master is non-blocking and written with writeSync, retried on a timer while the pty's input
  * buffer is full, so a container that never reads its terminal cannot stall the event loop or a
  * threadpool thread). stderr is unused: a terminal merges it into the one stream.
+ *
+ * Ending: once the process exited, close() does not wait for the pty's end of file, which may never
+ * come — under gVisor a background process of an exec, or the sandbox itself, can keep the slave
+ * open. It waits until the output goes quiet (or ends), reads whatever is still in the pty without
+ * waiting, and closes the stdout target: containerd's client waits for that close before it deletes
+ * the task (`ctr run -t` / `ctr task exec -t` return only then). runc's shim likewise drops the
+ * console at the exit instead of waiting for a hangup.
  */
 
 // ---- the addon's typed facade ----
@@ -180,10 +188,15 @@ export interface TerminalIoOptions {
   socketDir?: string;
   /** How long attach() waits for the runtime's pty master (it is sent before the runtime's create/exec returns). */
   receiveTimeoutMs?: number;
-  /** How long close() waits for the pty's remaining output before cutting it off. */
+  /** The longest close() waits for the pty's remaining output (a background writer can keep it busy forever). */
   drainTimeoutMs?: number;
+  /** close() stops waiting once no output came for this long (the pty may never reach end of file). */
+  quietMs?: number;
   binding?: ConsoleBinding;
 }
+
+/** At most this much is read from the pty at the final drain, so a writer that never stops cannot hold close(). */
+const FINAL_DRAIN_BYTES = 1 << 20;
 
 const promiseOpen = promisify(fsOpen);
 const promiseClose = promisify(fsClose);
@@ -205,6 +218,11 @@ export class TerminalIo {
   #inputDead = false;
   #size: ConsoleSize | undefined;
   #outputEnded: Promise<void> | undefined;
+  #outputDone = false;
+  /** When the pty last gave output (or close() began), for close()'s quiet window. */
+  #lastOutputAt = 0;
+  /** The stdout target is full, so the reader is paused: output pending, not quiet. */
+  #outputBlocked = false;
   #closing: Promise<void> | undefined;
 
   private constructor(
@@ -212,7 +230,7 @@ export class TerminalIo {
     private readonly output: Writable | undefined,
     stdin: StdinSource | undefined,
     private readonly binding: ConsoleBinding,
-    private readonly o: Required<Pick<TerminalIoOptions, 'receiveTimeoutMs' | 'drainTimeoutMs'>> & { log: Logger },
+    private readonly o: Required<Pick<TerminalIoOptions, 'receiveTimeoutMs' | 'drainTimeoutMs' | 'quietMs'>> & { log: Logger },
   ) {
     this.#stdin = stdin;
   }
@@ -234,6 +252,7 @@ export class TerminalIo {
       log,
       receiveTimeoutMs: opts.receiveTimeoutMs ?? 10_000,
       drainTimeoutMs: opts.drainTimeoutMs ?? 2_000,
+      quietMs: opts.quietMs ?? 100,
     });
   }
 
@@ -289,7 +308,11 @@ export class TerminalIo {
     await this.#stdin?.close();
   }
 
-  /** Stops input, waits a bounded time for the remaining output, then releases everything. Idempotent. */
+  /**
+   * Stops input; lets the output reach its end or go quiet (bounded by drainTimeoutMs); reads what
+   * the pty still holds; then closes the master and the stdout target. Idempotent. Call it once the
+   * process exited: containerd's client waits for the stdout target to close.
+   */
   close(): Promise<void> {
     this.#closing ??= this.#close();
     return this.#closing;
@@ -299,18 +322,61 @@ export class TerminalIo {
     this.#stopInput();
     await this.#stdin?.close();
     if (this.#outputEnded) {
-      let timer: NodeJS.Timeout | undefined;
-      const timedOut = await Promise.race([
-        this.#outputEnded.then(() => false),
-        new Promise<boolean>((r) => (timer = setTimeout(() => r(true), this.o.drainTimeoutMs))),
-      ]);
-      clearTimeout(timer);
-      if (timedOut) this.o.log.warn({ durationMs: this.o.drainTimeoutMs }, 'pty output did not end; closing the terminal anyway');
+      const settled = await this.#settleOutput(this.#outputEnded);
+      if (settled === 'busy') this.o.log.warn({ durationMs: this.o.drainTimeoutMs }, 'pty output did not stop; closing the terminal anyway');
+      if (settled !== 'ended') this.#drainMaster();
     }
     this.#reader?.destroy(); // closes the master
     this.#master = -1;
     await closeWritable(this.output);
     await this.socket.close();
+  }
+
+  /** Waits until the output ended, or gave nothing for quietMs, or drainTimeoutMs passed ('busy'). */
+  async #settleOutput(ended: Promise<void>): Promise<'ended' | 'quiet' | 'busy'> {
+    const started = Date.now();
+    const deadline = started + this.o.drainTimeoutMs;
+    this.#lastOutputAt = Math.max(this.#lastOutputAt, started); // output still in flight at the exit gets one window
+    for (;;) {
+      if (this.#outputDone) return 'ended';
+      const now = Date.now();
+      const idle = now - this.#lastOutputAt;
+      const blocked = this.#outputBlocked && !this.output?.destroyed;
+      if (!blocked && idle >= this.o.quietMs) return 'quiet';
+      if (now >= deadline) return 'busy';
+      const step = Math.min(deadline - now, blocked ? this.o.quietMs : this.o.quietMs - idle);
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([ended, new Promise<void>((r) => (timer = setTimeout(r, step)))]);
+      clearTimeout(timer);
+    }
+  }
+
+  /**
+   * Moves what is left to the stdout target without waiting: the reader's buffered chunks, then
+   * non-blocking reads of the master until it is empty (EAGAIN) or hung up (EIO). A timer may fire
+   * before the event loop polls the pty, so "quiet" alone could leave output behind.
+   */
+  #drainMaster(): void {
+    const reader = this.#reader;
+    const out = this.output;
+    if (!reader || reader.destroyed || this.#outputDone || this.#master < 0) return; // the master is closed already
+    reader.removeAllListeners('data');
+    reader.pause();
+    const chunks: Buffer[] = [];
+    for (let c: unknown = reader.read(); c !== null; c = reader.read()) if (Buffer.isBuffer(c)) chunks.push(c);
+    const buf = Buffer.allocUnsafe(64 * 1024);
+    for (let total = 0; total < FINAL_DRAIN_BYTES; ) {
+      let n: number;
+      try {
+        n = readSync(this.#master, buf, 0, buf.length, null);
+      } catch {
+        break; // EAGAIN: nothing left; EIO: every slave holder is gone
+      }
+      if (n <= 0) break;
+      chunks.push(Buffer.from(buf.subarray(0, n)));
+      total += n;
+    }
+    if (out && !out.destroyed) for (const c of chunks) out.write(c);
   }
 
   #startOutput(master: number): void {
@@ -322,16 +388,22 @@ export class TerminalIo {
       const finish = (err?: NodeJS.ErrnoException): void => {
         if (done) return;
         done = true;
+        this.#outputDone = true;
         // EIO: the last slave holder closed it — the pty's end of file.
         if (err && err.code !== 'EIO') this.o.log.warn({ err }, 'reading the pty failed');
         this.#stopInput();
         void closeWritable(out).then(resolve);
       };
       reader.on('data', (chunk: Buffer) => {
+        this.#lastOutputAt = Date.now();
         if (!out || out.destroyed) return;
         if (!out.write(chunk)) {
+          this.#outputBlocked = true;
           reader.pause();
-          out.once('drain', () => reader.resume());
+          out.once('drain', () => {
+            this.#outputBlocked = false;
+            reader.resume();
+          });
         }
       });
       reader.once('end', () => finish());

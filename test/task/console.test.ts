@@ -10,16 +10,25 @@ import { ConsoleSocket, loadConsoleAddon, TerminalIo } from '../../src/task/cons
 /**
  * A fake runtime in Python: makes a real pty, sends the master to the console socket with
  * SCM_RIGHTS the way runsc/runc do (payload: the pty's name), then runs the command on the slave as
- * its controlling terminal and exits with its status.
+ * its controlling terminal and exits with its status. With HOLD_SLAVE_PIDFILE set, a process outside
+ * the terminal's session keeps the slave open for a minute after the command exits, as gVisor's
+ * sentry does for an exec whose background job lives on (its pid goes to that file): no hangup (EIO)
+ * reaches the master then.
  */
 const FAKE_RUNTIME = `
-import fcntl, os, pty, socket, sys, termios
+import fcntl, os, pty, socket, sys, termios, time
 path, argv = sys.argv[1], sys.argv[2:]
 m, s = pty.openpty()
 c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 c.connect(path)
 socket.send_fds(c, [os.ttyname(s).encode()], [m])
 c.close(); os.close(m)
+hold = os.environ.get('HOLD_SLAVE_PIDFILE')
+if hold:
+    h = os.fork()
+    if h == 0:
+        time.sleep(60); os._exit(0)
+    with open(hold, 'w') as f: f.write(str(h))
 pid = os.fork()
 if pid == 0:
     os.setsid(); fcntl.ioctl(s, termios.TIOCSCTTY, 0)
@@ -47,8 +56,9 @@ if (!addon.binding) {
 } else {
   const binding = addon.binding;
 
-  function runtime(socketPath: string, argv: string[]): { child: ChildProcess; exited: Promise<number | null> } {
-    const child = spawn('python3', ['-c', FAKE_RUNTIME, socketPath, ...argv], { stdio: ['ignore', 'ignore', 'inherit'] });
+  function runtime(socketPath: string, argv: string[], o: { holdSlavePidFile?: string } = {}): { child: ChildProcess; exited: Promise<number | null> } {
+    const env = o.holdSlavePidFile ? { ...process.env, HOLD_SLAVE_PIDFILE: o.holdSlavePidFile } : process.env;
+    const child = spawn('python3', ['-c', FAKE_RUNTIME, socketPath, ...argv], { stdio: ['ignore', 'ignore', 'inherit'], env });
     const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
     return { child, exited };
   }
@@ -62,15 +72,20 @@ if (!addon.binding) {
     return { dir, stdin, stdout };
   }
 
-  /** The client (ctr's) side of the FIFOs: a writer for stdin, a reader collecting stdout until EOF. */
-  function client(fifos: { stdin: string; stdout: string }): { write(s: string): void; endInput(): void; output: Promise<string> } {
-    const reader = createReadStream(fifos.stdout);
-    const output = new Promise<string>((resolve, reject) => {
+  /** Everything read from the stdout FIFO until EOF (every writer closed it). */
+  function readAll(stdout: string): Promise<string> {
+    const reader = createReadStream(stdout);
+    return new Promise<string>((resolve, reject) => {
       let text = '';
       reader.on('data', (c) => (text += c.toString()));
       reader.once('end', () => resolve(text));
       reader.once('error', reject);
     });
+  }
+
+  /** The client (ctr's) side of the FIFOs: a writer for stdin, a reader collecting stdout until EOF. */
+  function client(fifos: { stdin: string; stdout: string }): { write(s: string): void; endInput(): void; output: Promise<string> } {
+    const output = readAll(fifos.stdout);
     const writer = createWriteStream(fifos.stdin);
     writer.on('error', () => undefined); // EPIPE once the shim side stops reading
     return { write: (s) => writer.write(s), endInput: () => writer.end(), output };
@@ -169,6 +184,62 @@ if (!addon.binding) {
     closeSync(reader);
     t.ok(Date.now() - started < 3_000, 'close returned promptly');
     t.notOk(existsSync(path));
+  });
+
+  /** Kills the pid written to `file` (a process that holds the pty slave). */
+  async function killPidIn(file: string): Promise<void> {
+    const pid = Number((await readFile(file, 'utf8').catch(() => '')).trim());
+    if (pid > 0) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // gone already (the hangup ended it)
+      }
+    }
+  }
+
+  t.test('close() after the exit does not wait for an end of file while another process holds the pty slave', async (t) => {
+    const fifos = await fifoDir(t);
+    const pidFile = join(fifos.dir, 'bg.pid');
+    t.teardown(() => killPidIn(pidFile));
+    // drainTimeoutMs far above the bound asserted below: only the quiet window may end the wait.
+    const io = await TerminalIo.open({ stdin: fifos.stdin, stdout: fifos.stdout, stderr: '', terminal: true }, { binding, drainTimeoutMs: 30_000 });
+    t.teardown(() => io.close());
+    const c = client(fifos);
+    // Output beyond what a pty buffers, then exit while the slave stays open elsewhere: no EIO comes.
+    const { exited } = runtime(io.consoleSocket, ['sh', '-c', `head -c 200000 /dev/zero | tr '\\0' x; echo; echo last-line; exit 7`], { holdSlavePidFile: pidFile });
+    await io.attach();
+    t.equal(await exited, 7, 'the program exited');
+    await t.resolves(readFile(pidFile), 'a process holds the slave');
+    const ended = await Promise.race([io.outputEnded().then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 300))]);
+    t.notOk(ended, 'the pty gave no end of file after the exit');
+    const started = Date.now();
+    await io.close();
+    const ms = Date.now() - started;
+    t.ok(ms < 10_000, `close() returned in ${ms} ms, not at the 30 s drain limit`);
+    const out = await c.output; // EOF: the stdout target was closed
+    t.equal(out.match(/x/g)?.length ?? 0, 200_000, 'all output before the exit arrived');
+    t.match(out, /last-line/);
+    c.endInput();
+  });
+
+  t.test('close() moves output still sitting in the pty without waiting for the event loop (quietMs 0)', async (t) => {
+    const fifos = await fifoDir(t);
+    const done = join(fifos.dir, 'written');
+    const pidFile = join(fifos.dir, 'bg.pid');
+    t.teardown(() => killPidIn(pidFile));
+    const io = await TerminalIo.open({ stdin: '', stdout: fifos.stdout, stderr: '', terminal: true }, { binding, quietMs: 0, drainTimeoutMs: 30_000 });
+    t.teardown(() => io.close());
+    const output = readAll(fifos.stdout);
+    runtime(io.consoleSocket, ['sh', '-c', `echo $$ > ${pidFile}; echo still-in-the-pty; touch ${done}; exec sleep 60`]);
+    await io.attach();
+    // Block the event loop until the program wrote: the relay cannot have read the output yet, so
+    // only close()'s final drain can deliver it (close runs synchronously up to that drain).
+    const end = Date.now() + 20_000;
+    while (!existsSync(done) && Date.now() < end) execFileSync('sleep', ['0.05']);
+    t.ok(existsSync(done), 'the program wrote its line');
+    await io.close();
+    t.match(await output, /still-in-the-pty/);
   });
 
   t.test('output to a plain file target', async (t) => {
