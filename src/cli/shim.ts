@@ -87,9 +87,10 @@ async function runServe(flags: ShimFlags): Promise<never> {
   delete process.env[READY_FD_ENV]; // not for runsc and other children
   delete process.env[RUNTIME_OPTIONS_ENV];
   // stdout/stderr are the bundle's log FIFO (or /dev/null), as `start` set them up.
+  // `shim`, not `id`: a group's server serves several tasks, and each line about one carries its `id`.
   const log = createLogger({ destination: 2, level: flags.debug ? 'debug' : 'info', name: BINARY }).child({
     ns: flags.namespace,
-    id: flags.id,
+    shim: flags.id,
   });
   // Before any runsc: sandboxes become this server's children, so exits are reaped, not polled.
   const { enableChildReaper } = await import('../runsc/reaper.js');

@@ -2,7 +2,8 @@ import { pino, type Logger, type DestinationStream } from 'pino';
 
 /**
  * Structured logs. Field names are fixed across thaw:
- * id, execId, pid, snapshot, phase, durationMs, err (plus decision, reason, fallback, bytes where relevant).
+ * id, execId, pid, snapshot, phase, durationMs, err (plus decision, reason, fallback, bytes where relevant;
+ * a shim server's lines carry ns and shim, the id of the task that started it).
  */
 export type { Logger };
 
