@@ -51,6 +51,13 @@ export interface PageKeeperConfig {
   targets: PageKeeperTargets;
   /** How long the kill may take before the keeper gives up (and exits, closing the uffds). */
   killTimeoutMs: number;
+  /**
+   * Inode of each existing cgroup dir when the keeper was spawned (decimal strings). At kill time a
+   * dir whose inode differs was re-created for another container (the same path) and is left alone:
+   * a keeper left guarding tasks that could not be killed waits until thaw exits, maybe long after.
+   * Absent: taken when runPageKeeper starts.
+   */
+  cgroupInodes?: Record<string, string>;
 }
 
 export interface PageKeeperOptions {
@@ -178,6 +185,7 @@ export class PageKeeper implements PageKeeperHandle {
       uffds: opts.uffds.map((_, i) => 3 + i),
       targets: opts.targets,
       killTimeoutMs: opts.killTimeoutMs ?? 30_000,
+      cgroupInodes: cgroupInodes(opts.targets.cgroupDirs),
     };
     const node = opts.node ?? { file: process.execPath, args: process.execArgv };
     let logFd: number;
@@ -233,9 +241,7 @@ export class PageKeeper implements PageKeeperHandle {
 export async function runPageKeeper(config: PageKeeperConfig, io: { input: NodeJS.ReadableStream; log: Logger; ready: () => void }): Promise<number> {
   const log = io.log.child({ id: config.id });
   const t0 = performance.now();
-  // The container's cgroups as they are now: a keeper left running long (tasks that could not be
-  // killed) must not kill a later container that got the same cgroup path.
-  const cgroups = config.targets.cgroupDirs.map((dir) => ({ dir, ino: inodeOf(dir) })).filter((c) => c.ino !== undefined);
+  const inodes = config.cgroupInodes ?? cgroupInodes(config.targets.cgroupDirs);
   log.info({ phase: 'page-keeper', uffds: config.uffds.map((fd) => ({ fd, file: fdTarget(fd) })), targets: config.targets }, 'page keeper holding the userfaultfds');
   const verdict = await new Promise<'done' | 'eof'>((resolve) => {
     let text = '';
@@ -255,8 +261,9 @@ export async function runPageKeeper(config: PageKeeperConfig, io: { input: NodeJ
   }
   log.warn({ phase: 'page-keeper', durationMs: Math.round(performance.now() - t0) }, 'thaw went away before every page was in: killing the restored container');
   const k0 = performance.now();
-  const current = cgroups.filter((c) => inodeOf(c.dir) === c.ino).map((c) => c.dir);
-  if (current.length < cgroups.length) log.warn({ phase: 'page-keeper', dirs: cgroups.filter((c) => !current.includes(c.dir)).map((c) => c.dir) }, 'cgroups re-created since: left alone');
+  const guarded = Object.keys(inodes);
+  const current = guarded.filter((dir) => inodeOf(dir) === inodes[dir]);
+  if (current.length < guarded.length) log.warn({ phase: 'page-keeper', dirs: guarded.filter((d) => !current.includes(d)) }, 'cgroups re-created since: left alone');
   const result = await killTargets({ ...config.targets, cgroupDirs: current }, config.killTimeoutMs);
   // Only now: with a task alive, closing its userfaultfd would hand it zero pages.
   closeAll(config.uffds);
@@ -388,12 +395,22 @@ function fdTarget(fd: number | string, pid: number | 'self' = 'self'): string {
   }
 }
 
-function inodeOf(path: string): bigint | undefined {
+function inodeOf(path: string): string | undefined {
   try {
-    return statSync(path, { bigint: true }).ino;
+    return String(statSync(path, { bigint: true }).ino);
   } catch {
     return undefined;
   }
+}
+
+/** Inode of each of `dirs` that exists. */
+function cgroupInodes(dirs: readonly string[]): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const dir of dirs) {
+    const ino = inodeOf(dir);
+    if (ino !== undefined) out[dir] = ino;
+  }
+  return out;
 }
 
 function closeAll(fds: readonly number[]): void {

@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readlinkSync, rmdirSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readlinkSync, rmdirSync, statSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -201,7 +201,7 @@ t.test('killTargets empties cgroups: cgroup.kill on v2, SIGKILL of cgroup.procs 
   }
 });
 
-t.test('runPageKeeper: a cgroup re-created since the keeper started (another container) is left alone', { skip: cgroupSkip }, async (t) => {
+t.test('runPageKeeper: a cgroup re-created since the keeper was spawned (another container) is left alone', { skip: cgroupSkip }, async (t) => {
   const base = existsSync('/sys/fs/cgroup/cgroup.kill') ? '/sys/fs/cgroup' : '/sys/fs/cgroup/unified';
   const dir = join(base, `thaw-keeper-reuse-${process.pid}`);
   mkdirSync(dir);
@@ -216,10 +216,12 @@ t.test('runPageKeeper: a cgroup re-created since the keeper started (another con
   const log = pino({ level: 'debug' }, { write: (l: string) => void logs.push(JSON.parse(l) as LogLine) });
   const input = new PassThrough();
   let ready = false;
-  const run = runPageKeeper({ id: 'reuse', uffds: [], targets: { cgroupDirs: [dir] }, killTimeoutMs: 5_000 }, { input, log, ready: () => (ready = true) });
-  t.ok(ready, 'ready once it listens');
+  // As PageKeeper.spawn records it, when the keeper starts guarding.
+  const cgroupInodes = { [dir]: String(statSync(dir, { bigint: true }).ino) };
   rmdirSync(dir); // the guarded container is gone; a new one gets the same path
   mkdirSync(dir);
+  const run = runPageKeeper({ id: 'reuse', uffds: [], targets: { cgroupDirs: [dir] }, killTimeoutMs: 5_000, cgroupInodes }, { input, log, ready: () => (ready = true) });
+  t.ok(ready, 'ready once it listens');
   const tree = spawnTree(t);
   const sleepPid = await until('sleep pid', tree.sleepPid, 10_000);
   writeFileSync(join(dir, 'cgroup.procs'), String(tree.sh.pid));
