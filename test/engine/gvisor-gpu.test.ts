@@ -8,6 +8,9 @@ import { GvisorEngine } from '../../src/engine/gvisor.js';
 import { runtimeIdFor } from '../../src/engine/container-id.js';
 import { addThawCudaMount, GPU_RECORD_FILE, planGvisorGpu, SANDBOX_THAW_CUDA } from '../../src/engine/gvisor-gpu.js';
 import type { OciSpec } from '../../src/bundle/bundle.js';
+import type { StdioFds } from '../../src/engine/engine.js';
+
+const NO_STDIO: StdioFds = ['ignore', 'ignore', 'ignore'];
 import { Runsc } from '../../src/runsc/runsc.js';
 import { clearProbeCache, type RunscCapabilities } from '../../src/runsc/probe.js';
 import { collectKeyInputs, computeKey } from '../../src/snapshot/key.js';
@@ -95,7 +98,7 @@ async function world(t: Test, o: { upstream?: boolean } = {}) {
 
 t.test('runsc without --cuda-checkpoint-path: thaw-cuda through runsc exec around checkpoint and restore', async (t) => {
   const w = await world(t);
-  await w.engine.create({ id: 'c1', bundle: w.bundle });
+  await w.engine.create({ id: 'c1', bundle: w.bundle, stdio: NO_STDIO });
   const spec = JSON.parse(await readFile(join(w.bundle, 'config.json'), 'utf8')) as OciSpec;
   t.match(spec.mounts, [{ destination: SANDBOX_THAW_CUDA, source: FAKE_CUDA, options: ['rbind', 'ro'] }], 'create mounts thaw-cuda');
 
@@ -109,7 +112,7 @@ t.test('runsc without --cuda-checkpoint-path: thaw-cuda through runsc exec aroun
   const record = JSON.parse(await readFile(join(w.imageDir, GPU_RECORD_FILE), 'utf8')) as { pids: number[] };
   t.same(record.pids, [7], 'only the CUDA process is recorded');
 
-  await w.engine.restore({ id: 'c1', bundle: w.bundle, imageDir: w.imageDir });
+  await w.engine.restore({ id: 'c1', bundle: w.bundle, stdio: NO_STDIO, imageDir: w.imageDir });
   t.equal(await w.host.state(7), 'running', 'restored and unlocked after runsc restore');
   const tool = await w.host.calls();
   t.ok(tool.some((l) => l.includes('--action restore --pid 7')) && tool.some((l) => l.includes('--action unlock --pid 7')));
@@ -141,7 +144,7 @@ t.test('a lock that times out leaves the process running and fails the checkpoin
 
 t.test('runsc with --cuda-checkpoint-path: thaw passes the in-sandbox path and runs no tool itself', async (t) => {
   const w = await world(t, { upstream: true });
-  await w.engine.create({ id: 'c1', bundle: w.bundle });
+  await w.engine.create({ id: 'c1', bundle: w.bundle, stdio: NO_STDIO });
   await w.engine.checkpoint('c1', { imageDir: w.imageDir, leaveRunning: false });
   t.ok(w.verbCalls('checkpoint')[0]!.includes(`--cuda-checkpoint-path=${SANDBOX_THAW_CUDA}`));
   t.equal(w.verbCalls('exec').length, 0);

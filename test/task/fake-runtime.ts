@@ -191,7 +191,7 @@ export class FakeLifecycle {
     const opts = { id: plan.request.id, bundle: plan.request.bundle, stdio: plan.request.stdio };
     if (plan.decision.kind === 'restore') {
       await this.engine.prepareRestore(opts);
-      return { kind: 'restore', plan, staging: Promise.resolve({} as never), imageDir: '/fake/image' };
+      return { kind: 'restore', plan, staging: Promise.resolve({} as never), imageDir: '/fake/image', pageChecksums: undefined };
     }
     return { kind: 'cold', plan, state: await this.engine.create(opts) };
   }
