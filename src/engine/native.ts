@@ -58,6 +58,7 @@ import { criuCheckFeature, criuVersion, unmountAllUnder } from '../runc/criu.js'
 import type { RuncStdio, RuncStdioSlot } from '../runc/options.js';
 import { Runc, type RuncVerb } from '../runc/runc.js';
 import { runtimeIdFor } from './container-id.js';
+import type { LinuxResources } from './cgroup-resources.js';
 import type {
   CheckpointOptions,
   CreateOptions,
@@ -673,6 +674,11 @@ export class NativeEngine implements Engine {
 
   async resume(id: string): Promise<void> {
     await this.runc.resume(this.#rid(id));
+  }
+
+  /** `runc update`: runc writes the container's cgroup and refuses what it cannot change. */
+  async update(id: string, resources: LinuxResources): Promise<void> {
+    await this.runc.update(this.#rid(id), resources);
   }
 
   async stats(id: string): Promise<ResourceStats> {

@@ -185,6 +185,13 @@ t.test('create, checkpoint, restore (same id, new id, leave-running): memory int
   t.same(await w.engine.ps('first'), [started.pid], 'runc ps gives host pids');
   const stats = await w.engine.stats('first');
   t.ok((stats.memoryUsageBytes ?? 0) > 200 * 2 ** 20, `memory usage ${stats.memoryUsageBytes} counts the 256 MiB`);
+  await w.engine.update!('first', { memory: { limit: 2 ** 30 } });
+  t.equal((await w.engine.stats('first')).memoryLimitBytes, 2 ** 30, 'update: runc applied the memory limit');
+  if (existsSync('/sys/fs/cgroup/memory/memory.limit_in_bytes')) {
+    // cgroup v1 refuses a limit below usage (EBUSY); v2 would reclaim and OOM-kill instead.
+    await t.rejects(w.engine.update!('first', { memory: { limit: 1 } }), 'update: a limit below usage is refused');
+    t.equal((await w.engine.stats('first')).memoryLimitBytes, 2 ** 30, 'update: a refused update changes nothing');
+  }
 
   // Checkpoint (the container stops) and restore under the same id after delete.
   const image = join(w.dir, 'image');
