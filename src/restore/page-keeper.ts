@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, readdirSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import { dirname, extname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -100,10 +100,18 @@ export interface PageKeeperHandle {
   release(): Promise<void>;
 }
 
-/** `page-keeper-main.js` (compiled) or `.ts` (run from source), beside this module. */
-export function defaultKeeperEntry(): string {
-  const here = fileURLToPath(import.meta.url);
-  return join(dirname(here), `page-keeper-main${extname(here)}`);
+/**
+ * `page-keeper-main.js` (compiled) or `.ts` (run from source) beside this module, or at the top of
+ * the bundle (dist/bundle/, when this module is one of its chunks/). Throws when neither exists: a
+ * keeper that could not exec its kill would let the uffds close on a live app, so spawn must fail.
+ */
+export function defaultKeeperEntry(moduleUrl: string = import.meta.url): string {
+  const here = fileURLToPath(moduleUrl);
+  const file = `page-keeper-main${extname(here)}`;
+  const candidates = [join(dirname(here), file), join(dirname(here), '..', file)];
+  const found = candidates.find((p) => existsSync(p));
+  if (found === undefined) throw new ShimError('Unavailable', `page keeper: no entry at ${candidates.join(' or ')}`);
+  return found;
 }
 
 export const KEEPER_READY = 'ready';

@@ -7,7 +7,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import t, { type Test } from 'tap';
 import { PassThrough } from 'node:stream';
 import { pino } from 'pino';
-import { PageKeeper, killTargets, runPageKeeper } from '../../src/restore/page-keeper.js';
+import { PageKeeper, defaultKeeperEntry, killTargets, runPageKeeper } from '../../src/restore/page-keeper.js';
 import { loadUffdAddon } from '../../src/restore/pages-native.js';
 import { until } from '../helpers/wait.js';
 import { buildTarget, spawnTarget, uffdUsable, type Spawned } from './pages-helpers.js';
@@ -320,4 +320,17 @@ t.test('real uffd, keeper: the parent dies, the app blocks on its missing page u
   const logs = logLines(logPath);
   t.match(logs[0]?.uffds, [{ fd: 3, file: 'anon_inode:[userfaultfd]' }], 'the keeper held the userfaultfd');
   t.ok(logs.some((l) => l.msg === 'restored container killed; userfaultfds closed'), 'kill logged');
+});
+
+t.test('the keeper entry is found beside the module, at the top of a bundle, or spawn is refused', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'thaw-keeper-entry-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  mkdirSync(join(dir, 'bundle', 'chunks'), { recursive: true });
+  const chunk = pathToFileURL(join(dir, 'bundle', 'chunks', 'chunk-X.js')).href;
+  t.throws(() => defaultKeeperEntry(chunk), { code: 'Unavailable', message: /no entry at/ }, 'nothing to exec: refused');
+  writeFileSync(join(dir, 'bundle', 'page-keeper-main.js'), '');
+  t.equal(defaultKeeperEntry(chunk), join(dir, 'bundle', 'page-keeper-main.js'), "the bundle's top");
+  writeFileSync(join(dir, 'bundle', 'chunks', 'page-keeper-main.js'), '');
+  t.equal(defaultKeeperEntry(chunk), join(dir, 'bundle', 'chunks', 'page-keeper-main.js'), 'beside the module first');
+  t.ok(existsSync(defaultKeeperEntry()), 'from this checkout');
 });
