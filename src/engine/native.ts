@@ -379,9 +379,9 @@ export class NativeEngine implements Engine {
 
   /**
    * The lazy attempt. Resolves `{restored: true}` once every page is in, or `{restored: false}` when
-   * nothing is left of the attempt (refused before it ran, or killed after) and a plain restore may
-   * follow. Throws when a plain restore must not follow: the image is damaged, the caller canceled,
-   * the GPU step failed on its own, or the half-restored tasks could not be killed.
+   * nothing is left of the attempt (refused before it ran, or killed after — also when the GPU step
+   * failed during the fill) and a plain restore may follow. Throws when a plain restore must not
+   * follow: the image is damaged, the caller canceled, or the half-restored tasks could not be killed.
    */
   async #restoreLazy(a: RestoreAttempt, checksums: ReadonlyMap<string, ImageChecksum> | undefined): Promise<{ restored: true } | { restored: false; reason: string; err: unknown }> {
     const workDir = join(a.dir, LAZY_WORK_DIR);
@@ -437,8 +437,17 @@ export class NativeEngine implements Engine {
           'anonymous memory restored by the page server',
         );
       } catch (err) {
-        // Our abort after a failed step (the CUDA restore): that failure is the one to report.
-        if (stepErr !== undefined && isShimError(err, 'Canceled')) throw stepErr;
+        if (stepErr !== undefined && isShimError(err, 'Canceled')) {
+          // Our abort after a failed step (the CUDA restore). With the tasks dead, restore once more
+          // with every page in place: a CUDA restore can fail only because pages were still
+          // arriving (measured on the H100: host memory the app pinned with cudaHostRegister is
+          // re-pinned before the page server filled it, CUDA_ERROR_INVALID_VALUE). A step that
+          // fails again there is reported (and the caller starts cold).
+          if (err instanceof PageServerError && err.killed) {
+            return { restored: false, reason: `the GPU step failed while pages were arriving: ${asShimError(stepErr).message}`, err: stepErr };
+          }
+          throw stepErr;
+        }
         return this.#lazyFailed(a, err, true);
       }
       if (stepErr !== undefined) throw stepErr;

@@ -42,7 +42,6 @@ interface Plan {
 /** Fake GPU hooks recording what the engine asked of them. */
 class FakeGpu implements GpuHooks {
   readonly calls: [string, unknown, unknown?][] = [];
-  failAfterRestore = false;
   async beforeCheckpoint(pids: readonly number[]): Promise<GpuCheckpointRecord> {
     this.calls.push(['beforeCheckpoint', [...pids]]);
     return { pids: [...pids], timings: { lock: 1 } };
@@ -50,9 +49,15 @@ class FakeGpu implements GpuHooks {
   async resumeAfterCheckpoint(record: GpuCheckpointRecord): Promise<void> {
     this.calls.push(['resumeAfterCheckpoint', record.pids]);
   }
+  /** Failures still to come (true: every call). */
+  failAfterRestore: boolean | number = false;
   async afterRestore(record: GpuCheckpointRecord, pids: readonly number[]): Promise<void> {
     this.calls.push(['afterRestore', record.pids, [...pids]]);
-    if (this.failAfterRestore) throw new Error('CUDA restore failed');
+    if (this.failAfterRestore === true) throw new Error('CUDA restore failed');
+    if (typeof this.failAfterRestore === 'number' && this.failAfterRestore > 0) {
+      this.failAfterRestore--;
+      throw new Error('CUDA restore failed');
+    }
   }
 }
 
@@ -671,7 +676,7 @@ t.test('the page server refusing the image (or CRIU without uffd, or off): plain
   t.notOk(calls().some((c) => c[0] === 'delete'), 'nothing to kill');
 });
 
-t.test('no plain restore after a lazy failure when it would be wrong: bad checksum, tasks not killed, failed CUDA restore', async (t) => {
+t.test('no plain restore after a lazy failure when it would be wrong: bad checksum, tasks not killed', async (t) => {
   // The pages differ from the manifest: restoring the same bytes again would not help.
   {
     const lazy = fakeLazy();
@@ -693,7 +698,7 @@ t.test('no plain restore after a lazy failure when it would be wrong: bad checks
     await t.rejects(engine.restore({ id: 'alive', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image }), { code: 'Internal', message: /could not be killed/ });
     t.equal(calls().filter((c) => c[0] === 'restore').length, 1, 'no second restore');
   }
-  // The CUDA restore failed on its own: the fill is aborted, that failure is reported.
+  // The CUDA restore failed during the fill and again after a plain restore: reported, nothing left.
   {
     const lazy = fakeLazy();
     const { engine, gpu, plan, calls, bundle, dir, containerDir } = setup(t, { lazyPages: 'on', lazyPagesTuning: { ...NO_ADDON_NEEDED, start: lazy.start } });
@@ -703,7 +708,12 @@ t.test('no plain restore after a lazy failure when it would be wrong: bad checks
     gpu.failAfterRestore = true;
     await t.rejects(engine.restore({ id: 'cuda', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image }), { message: 'CUDA restore failed' });
     t.equal(lazy.aborted, 1, 'the fill was aborted');
-    t.equal(calls().filter((c) => c[0] === 'restore').length, 1, 'no second restore');
+    t.same(
+      calls().filter((c) => c[0] === 'restore').map((c) => c.includes('--lazy-pages')),
+      [true, false],
+      'the plain restore was tried once',
+    );
+    t.equal(gpu.calls.filter((c) => c[0] === 'afterRestore').length, 2);
     t.same(calls().at(-1), ['delete', '--force', runtimeIdFor('cuda')], 'the container is removed');
     t.notOk(existsSync(containerDir('cuda')));
   }
@@ -726,6 +736,29 @@ t.test('no plain restore after a lazy failure when it would be wrong: bad checks
       ],
     );
   }
+});
+
+t.test('a CUDA restore that fails only while pages arrive: the lazy tasks are killed, the plain restore succeeds', async (t) => {
+  const lazy = fakeLazy();
+  const { engine, gpu, plan, calls, bundle, dir } = setup(t, { lazyPages: 'on', lazyPagesTuning: { ...NO_ADDON_NEEDED, start: lazy.start } });
+  const image = lazyImage(dir, true);
+  const pid = liveProcess(t);
+  plan('restore', { files: { 'pid-file': `${pid}\n` } });
+  plan('ps', { stdout: `[${pid}]` });
+  plan('state', { stdout: JSON.stringify({ id: 'x', pid, status: 'running', bundle: '/b' }) });
+  gpu.failAfterRestore = 1;
+  t.equal((await engine.restore({ id: 'pinned', bundle, stdio: ['ignore', 'ignore', 'ignore'], imageDir: image })).pid, pid);
+  t.equal(lazy.aborted, 1, 'the fill was aborted');
+  t.same(
+    calls().filter((c) => c[0] === 'restore' || c[0] === 'delete').map((c) => [c[0], c.includes('--lazy-pages')]),
+    [
+      ['restore', true],
+      ['delete', false],
+      ['restore', false],
+    ],
+    'lazy attempt killed and deleted, then the plain restore',
+  );
+  t.equal(gpu.calls.filter((c) => c[0] === 'afterRestore').length, 2, 'the GPU step ran again on the plain restore');
 });
 
 t.test('selfVerifiedFiles: the page images when lazy pages will be used, nothing otherwise', async (t) => {
