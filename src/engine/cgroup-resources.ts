@@ -11,6 +11,8 @@
  *   mountinfo → directories), `refuseUnchangeable` (fields a live sandbox cannot change).
  * - `applyCgroupWrites`: the one place that writes, with an undo per file, so a write the kernel
  *   refuses half-way leaves the cgroup as it was.
+ * - `readSandboxCgroup` and `readOomKillCount`: reading a sandbox's cgroup and its OOM kill count
+ *   (for TaskOOM events, task/oom.ts).
  *
  * Fields a live sandbox cannot change (devices, block I/O, huge pages, network classes, RDMA,
  * realtime CPU, kernel memory, OOM-killer switch, CPU idle) are accepted only when they equal the
@@ -531,18 +533,9 @@ export interface UpdateSandboxCgroupOptions {
  * limits never land on the shim or on everything else in its cgroup. Returns the writes made.
  */
 export async function updateSandboxCgroup(o: UpdateSandboxCgroupOptions): Promise<CgroupWrite[]> {
-  const proc = o.procRoot ?? '/proc';
   refuseUnchangeable(o.resources, o.specResources);
-  let procCgroup: string;
-  try {
-    procCgroup = await readFile(join(proc, String(o.pid), 'cgroup'), 'utf8');
-  } catch (err) {
-    throw new ShimError('FailedPrecondition', `update: the sandbox process ${o.pid} is gone`, { cause: err });
-  }
-  const mountinfo = await readFile(join(proc, 'self', 'mountinfo'), 'utf8');
-  const cgroup = cgroupOfProcess(procCgroup, mountinfo);
-  const own = cgroupOfProcess(await readFile(join(proc, 'self', 'cgroup'), 'utf8'), mountinfo);
-  if (cgroup.path === '/' || cgroup.path === own.path) {
+  const { cgroup, shared } = await readSandboxCgroup(o.pid, o.procRoot, 'update');
+  if (shared) {
     throw new ShimError(
       'FailedPrecondition',
       `update: the sandbox has no cgroup of its own (it is in ${JSON.stringify(cgroup.path)}, like the shim); give the container a linux.cgroupsPath`,
@@ -552,6 +545,53 @@ export async function updateSandboxCgroup(o: UpdateSandboxCgroupOptions): Promis
   const applied = await applyCgroupWrites(cgroup, writes, { log: o.log, id: o.id });
   (o.log ?? silentLogger).info({ id: o.id, phase: 'update', cgroup: cgroup.path, mode: cgroup.mode, writes: applied.map((w) => `${w.file}=${w.value}`) }, 'resources updated');
   return applied;
+}
+
+/**
+ * The cgroup of process `pid` (a sandbox) from /proc. `shared`: it has no cgroup of its own (the
+ * root, or this process's cgroup: the spec set no linux.cgroupsPath), so its files also count and
+ * limit processes that are not the sandbox's. FailedPrecondition, naming `op`, when the process is gone.
+ */
+export async function readSandboxCgroup(pid: number, procRoot = '/proc', op = 'cgroup'): Promise<{ cgroup: ProcessCgroup; shared: boolean }> {
+  let procCgroup: string;
+  try {
+    procCgroup = await readFile(join(procRoot, String(pid), 'cgroup'), 'utf8');
+  } catch (err) {
+    throw new ShimError('FailedPrecondition', `${op}: the sandbox process ${pid} is gone`, { cause: err });
+  }
+  const mountinfo = await readFile(join(procRoot, 'self', 'mountinfo'), 'utf8');
+  const cgroup = cgroupOfProcess(procCgroup, mountinfo);
+  const own = cgroupOfProcess(await readFile(join(procRoot, 'self', 'cgroup'), 'utf8'), mountinfo);
+  return { cgroup, shared: cgroup.path === '/' || cgroup.path === own.path };
+}
+
+// ---------------------------------------------------------------- OOM kills (reading)
+
+/**
+ * The file that counts a cgroup's OOM kills: v1 `memory.oom_control` (its `oom_kill` line, kernel
+ * ≥ 4.13), v2 `memory.events`. Both count processes of this cgroup that the kernel OOM-killed,
+ * whichever limit (this cgroup's, a parent's, the host's) ran out; v2 also counts its descendants.
+ * undefined when no memory hierarchy holds the cgroup.
+ */
+export function oomKillFile(cgroup: ProcessCgroup): string | undefined {
+  const v1 = cgroup.mode === 'v1';
+  const dir = cgroup.dirs.get(v1 ? 'memory' : '');
+  return dir === undefined ? undefined : join(dir, v1 ? 'memory.oom_control' : 'memory.events');
+}
+
+/** The `oom_kill N` count of memory.oom_control (v1) or memory.events (v2); undefined without that line (v1 before 4.13). */
+export function parseOomKillCount(text: string): number | undefined {
+  const m = /^oom_kill (\d+)$/m.exec(text);
+  return m ? Number(m[1]) : undefined;
+}
+
+/** Reads a cgroup's OOM kill count (`file` from oomKillFile); undefined when the cgroup is gone or the kernel keeps no count. */
+export async function readOomKillCount(file: string): Promise<number | undefined> {
+  const text = await readFile(file, 'utf8').catch((err: unknown) => {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT' || (err as NodeJS.ErrnoException).code === 'ENODEV') return '';
+    throw err;
+  });
+  return parseOomKillCount(text);
 }
 
 /** Reads the few current values planCgroupWrites needs for this request (nothing else). */

@@ -4,7 +4,7 @@
  * (validated by `validateContainerId`); each engine maps them to its runtime's own ids.
  */
 import type { ImageChecksum } from '../restore/pages.js';
-import type { LinuxResources } from './cgroup-resources.js';
+import type { LinuxResources, ProcessCgroup } from './cgroup-resources.js';
 import type { ManifestFile } from '../snapshot/manifest.js';
 
 export type EngineName = 'gvisor' | 'native';
@@ -141,4 +141,11 @@ export interface Engine {
    * (NotImplemented or InvalidArgument naming the field), never ignored.
    */
   update?(id: string, resources: LinuxResources): Promise<void>;
+  /**
+   * The cgroup that holds the created container (gVisor: the whole sandbox), where the Task service
+   * watches for OOM kills (TaskOOM). undefined when it has no cgroup of its own (no
+   * linux.cgroupsPath: it shares the shim's, whose counts are not the container's) or none is known.
+   * Optional: an engine without it publishes no OOM events.
+   */
+  cgroupOf?(id: string): Promise<ProcessCgroup | undefined>;
 }

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { ShimError, isShimError } from '../errors.js';
 import { presentCriToRunsc } from '../bundle/cri.js';
 import { readBundleSpec } from '../bundle/bundle.js';
-import { updateSandboxCgroup, type LinuxResources } from './cgroup-resources.js';
+import { readSandboxCgroup, updateSandboxCgroup, type LinuxResources, type ProcessCgroup } from './cgroup-resources.js';
 import { silentLogger, type Logger } from '../log/logger.js';
 import { Runsc, type RunscExecResult, type RunscOptions } from '../runsc/runsc.js';
 import { childReaper, type ChildReaper } from '../runsc/reaper.js';
@@ -329,6 +329,17 @@ export class GvisorEngine implements Engine {
     const inSpec = spec?.linux?.['resources'];
     const specResources = typeof inSpec === 'object' && inSpec !== null ? (inSpec as LinuxResources) : undefined;
     await updateSandboxCgroup({ pid, resources, specResources, id, log: this.#log });
+  }
+
+  /**
+   * The sandbox's cgroup (runsc puts the sentry and the gofer into the spec's linux.cgroupsPath), from
+   * the sandbox pid known since create; undefined when the sandbox has no cgroup of its own.
+   */
+  async cgroupOf(id: string): Promise<ProcessCgroup | undefined> {
+    const pid = this.#sandboxPids.get(id);
+    if (pid === undefined) return undefined;
+    const { cgroup, shared } = await readSandboxCgroup(pid, '/proc', 'cgroup of the sandbox');
+    return shared ? undefined : cgroup;
   }
 
   /** Removes runsc state of containers whose sandboxes died (after a crash of thaw). */

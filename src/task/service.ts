@@ -12,6 +12,7 @@ import {
   TaskExecAddedSchema,
   TaskExecStartedSchema,
   TaskExitSchema,
+  TaskOOMSchema,
   TaskPausedSchema,
   TaskResumedSchema,
   TaskStartSchema,
@@ -91,6 +92,11 @@ export class TaskService {
     );
   };
 
+  /** containerd's runc shim publishes TaskOOM with the container id only; CRI then reports reason OOMKilled. */
+  #onOom = (p: InitProcess): void => {
+    this.#publish(create(TaskOOMSchema, { containerId: p.id }));
+  };
+
   handlers(): TaskServiceImpl {
     return {
       create: async (req) => {
@@ -132,6 +138,7 @@ export class TaskService {
           stdio,
           log,
           onExit: this.#onExit,
+          onOom: this.#onOom,
         });
         this.#containers.set(req.id, new Container(req.id, this.ctx.namespace, req.bundle, init, rootfsTarget));
         if (trigger) this.#triggers.set(req.id, trigger);

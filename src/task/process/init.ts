@@ -1,11 +1,12 @@
 import type { Logger } from '../../log/logger.js';
 import type { Engine } from '../../engine/engine.js';
-import type { CheckpointResult, Lifecycle, Prepared } from '../../engine/lifecycle.js';
+import type { CheckpointResult, Lifecycle, Prepared, Started } from '../../engine/lifecycle.js';
 import type { ContainerRecord } from '../../engine/records.js';
 import type { OpenStdio, StdioRequest } from '../stdio.js';
 import { TerminalIo, type ConsoleSize } from '../console.js';
 import { CreatedFromSnapshotState, CreatedState, type InitState } from './init-state.js';
 import { ExitLatch, resizeIo, type ExitInfo, type Process, type ProcessStatus } from './process.js';
+import { OomWatcher } from '../oom.js';
 
 export interface InitProcessOptions {
   id: string;
@@ -19,6 +20,11 @@ export interface InitProcessOptions {
   log: Logger;
   /** Called once with the exit, after the state moved to stopped (the service publishes TaskExit). */
   onExit: (p: InitProcess, exit: ExitInfo) => void;
+  /**
+   * Called once per OOM kill the kernel counted in the container's cgroup (the service publishes
+   * TaskOOM); a kill that ended the task is reported before onExit. Needs Engine.cgroupOf.
+   */
+  onOom?: (p: InitProcess) => void;
 }
 
 /**
@@ -35,6 +41,8 @@ export class InitProcess implements Process {
   #state: InitState;
   #pid: number;
   #record: ContainerRecord | undefined;
+  /** From launch until the exit's check or Delete. */
+  #oom: OomWatcher | undefined;
   readonly #latch = new ExitLatch();
   readonly #o: InitProcessOptions;
 
@@ -109,23 +117,60 @@ export class InitProcess implements Process {
 
   /** Starts or restores the app (lifecycle decides by the prepared kind), then watches for its exit. */
   async launch(prepared: Prepared): Promise<void> {
-    const started = await this.#o.lifecycle.start(prepared);
+    // The baseline before the app runs (the sandbox and its cgroup exist since Create), so an early kill counts.
+    const oom = await this.#openOomWatcher();
+    let started: Started;
+    try {
+      started = await this.#o.lifecycle.start(prepared);
+    } catch (err) {
+      oom?.stop();
+      throw err;
+    }
     // A restored terminal task gets its pty from the restore (a cold one attached at Create).
     if (this.#o.io instanceof TerminalIo && !this.#o.io.attached) await this.#o.io.attach();
     this.#record = started.record;
     this.#pid = started.state.pid;
+    this.#oom = oom;
+    oom?.watch();
     this.#watchExit();
+  }
+
+  /** An OOM watcher on the container's cgroup, when the engine can name one; never fails the start. */
+  async #openOomWatcher(): Promise<OomWatcher | undefined> {
+    const onOom = this.#o.onOom;
+    if (!this.engine.cgroupOf || !onOom) return undefined;
+    try {
+      const cgroup = await this.engine.cgroupOf(this.id);
+      if (cgroup === undefined) {
+        this.#o.log.debug({ id: this.id }, 'the container has no cgroup of its own: no OOM events');
+        return undefined;
+      }
+      return await OomWatcher.open({ id: this.id, cgroup, onOom: () => onOom(this), log: this.#o.log });
+    } catch (err) {
+      this.#o.log.warn({ id: this.id, err }, 'cannot watch the container cgroup for OOM kills');
+      return undefined;
+    }
   }
 
   #watchExit(): void {
     this.engine.wait(this.id).then(
-      (r) => this.#exited({ status: r.exitStatus, at: r.exitedAt }),
+      (r) => this.#exitedAfterOomCheck({ status: r.exitStatus, at: r.exitedAt }),
       (err: unknown) => {
         // runsc cannot report the status once the sandbox is gone (e.g. after a checkpoint).
         this.#o.log.warn({ id: this.id, err }, 'wait failed; reporting exit 255');
-        this.#exited({ status: 255, at: new Date() });
+        void this.#exitedAfterOomCheck({ status: 255, at: new Date() });
       },
     );
+  }
+
+  /** A kill that ended the sandbox is counted by now (its cgroup lives until Delete): TaskOOM goes first. */
+  async #exitedAfterOomCheck(exit: ExitInfo): Promise<void> {
+    const oom = this.#oom;
+    if (oom) {
+      await oom.check();
+      oom.stop();
+    }
+    this.#exited(exit);
   }
 
   #exited(exit: ExitInfo): void {
@@ -142,6 +187,7 @@ export class InitProcess implements Process {
   }
 
   async engineDelete(): Promise<void> {
+    this.#oom?.stop();
     await this.engine.delete(this.id, { force: true });
     if (!this.#latch.exit) this.#latch.set({ status: 255, at: new Date() });
   }
