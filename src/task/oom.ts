@@ -28,6 +28,12 @@ export interface OomWatcherOptions {
 export const OOM_POLL_MS = 1000;
 
 /**
+ * v2: reads after inotify at most this often. memory.events also changes on every `max`/`high` hit
+ * (a task pressing on its limit: up to 100 notifications a second, the kernel's own rate limit).
+ */
+export const OOM_NOTIFY_MIN_INTERVAL_MS = 100;
+
+/**
  * Watches one cgroup's OOM kill count. `open` reads the baseline (before the app starts), `watch`
  * starts live watching, `check` reads the count now, `stop` ends everything (idempotent). Checks
  * run one at a time, so a kill seen by the live watch and by the exit check is reported once.
@@ -41,6 +47,9 @@ export class OomWatcher {
   #queue: Promise<void> = Promise.resolve();
   #fsWatcher: FSWatcher | undefined;
   #timer: NodeJS.Timeout | undefined;
+  /** A read scheduled after an inotify event; later events until it runs are covered by it. */
+  #notifyTimer: NodeJS.Timeout | undefined;
+  #lastNotifyRead = 0;
   #stopped = false;
 
   private constructor(o: OomWatcherOptions, file: string, baseline: number) {
@@ -79,7 +88,7 @@ export class OomWatcher {
     if (this.#o.cgroup.mode === 'v2') {
       try {
         // persistent: false — the watch never keeps the shim alive on its own.
-        const w = watch(this.file, { persistent: false }, () => void this.check());
+        const w = watch(this.file, { persistent: false }, this.#onNotify);
         w.on('error', (err) => {
           this.#log.debug({ id: this.#o.id, err }, 'OOM watch ended');
           this.#closeFsWatcher();
@@ -106,7 +115,19 @@ export class OomWatcher {
     this.#closeFsWatcher();
     if (this.#timer !== undefined) clearInterval(this.#timer);
     this.#timer = undefined;
+    if (this.#notifyTimer !== undefined) clearTimeout(this.#notifyTimer);
+    this.#notifyTimer = undefined;
   }
+
+  #onNotify = (): void => {
+    if (this.#notifyTimer !== undefined || this.#stopped) return;
+    const wait = Math.max(0, this.#lastNotifyRead + OOM_NOTIFY_MIN_INTERVAL_MS - Date.now());
+    this.#notifyTimer = setTimeout(() => {
+      this.#notifyTimer = undefined;
+      this.#lastNotifyRead = Date.now();
+      void this.check();
+    }, wait).unref();
+  };
 
   async #readAndReport(): Promise<void> {
     if (this.#stopped) return;

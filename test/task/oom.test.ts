@@ -152,6 +152,41 @@ t.test('watcher (v2): inotify reports a kill while the task runs; stop closes th
   t.same(seen, [1], 'no event after stop');
 });
 
+t.test('watcher (v2): a burst of notifications (limit hits) costs few reads; a kill in it is reported once', async (t) => {
+  const dir = await tempDir(t);
+  await setKills(dir, 'v2', 0);
+  const actual = await import('../../src/engine/cgroup-resources.js');
+  let reads = 0;
+  const { OomWatcher: Counted } = await t.mockImport<typeof import('../../src/task/oom.js')>('../../src/task/oom.js', {
+    '../../src/engine/cgroup-resources.js': {
+      ...actual,
+      readOomKillCount: (file: string) => {
+        reads++;
+        return actual.readOomKillCount(file);
+      },
+    },
+  });
+  const seen: number[] = [];
+  const w = await Counted.open({ id: 'c1', cgroup: cgroupAt(dir, 'v2'), onOom: (n) => seen.push(n), pollMs: 0 });
+  if (!w) throw new Error('not opened');
+  t.teardown(() => w.stop());
+  w.watch();
+  const baselineReads = reads;
+  const file = path.join(dir, 'memory.events');
+  const t0 = performance.now();
+  // ~300 ms of memory.max hits, each rewriting the file (what cgroup_file_notify reports), a kill at the end.
+  for (let i = 0; performance.now() - t0 < 300; i++) {
+    await writeFile(file, `low 0\nhigh 0\nmax ${i}\noom 0\noom_kill 0\noom_group_kill 0\n`);
+    await sleep(2);
+  }
+  await setKills(dir, 'v2', 1);
+  await until('the kill after the burst', () => (seen.length > 0 ? true : undefined), 10_000);
+  await sleep(250);
+  const burstReads = reads - baselineReads;
+  t.same(seen, [1], 'one event');
+  t.ok(burstReads >= 2 && burstReads <= 8, `reads throttled to ~1 per 100 ms: ${burstReads} over ~300 ms of notifications`);
+});
+
 // ---------------------------------------------------------------- through the Task service
 
 interface Harness {
