@@ -196,11 +196,16 @@ interface Harness {
   topics: () => string[];
 }
 
-/** A started task on the fake engine whose cgroup is a temp dir (`mode` format), 0 kills at start. */
-async function started(t: Test, mode: 'v1' | 'v2', { withCgroup = true }: { withCgroup?: boolean } = {}): Promise<Harness> {
+/** A started task on the fake engine whose cgroup is a temp dir (`mode` format), `kills` at start. */
+async function started(
+  t: Test,
+  mode: 'v1' | 'v2',
+  { withCgroup = true, restore = false, kills = 0 }: { withCgroup?: boolean; restore?: boolean; kills?: number } = {},
+): Promise<Harness> {
   const dir = await tempDir(t);
-  await setKills(dir, mode, 0);
+  await setKills(dir, mode, kills);
   const shim = fakeShim();
+  if (restore) shim.lifecycle.restoreFor.add('c1');
   if (withCgroup) {
     // The shared FakeEngine has no cgroupOf (like the native engine); this one gets it.
     const engine: Engine = shim.engine;
@@ -228,8 +233,17 @@ t.test('service: a kill that ended the task → TaskOOM{container_id} before Tas
   t.equal(oomEvents(h).length, 1, 'one event for one kill');
 });
 
+t.test('service: a restored task is watched too; kills counted before its start are not reported', async (t) => {
+  const h = await started(t, 'v1', { restore: true, kills: 4 });
+  t.ok(h.shim.engine.calls.includes('restore c1'), 'started by a restore');
+  await setKills(h.dir, 'v1', 5);
+  h.shim.engine.exit('c1', 137);
+  await h.call('wait', { id: 'c1', execId: '' });
+  t.same(h.topics(), ['/tasks/create', '/tasks/start', '/tasks/oom', '/tasks/exit']);
+});
+
 t.test('service: a normal exit publishes no TaskOOM', async (t) => {
-  const h = await started(t, 'v2');
+  const h = await started(t, 'v2', { kills: 2 });
   h.shim.engine.exit('c1', 0);
   await h.call('wait', { id: 'c1', execId: '' });
   await h.call('delete', { id: 'c1', execId: '' });
