@@ -20,7 +20,7 @@ export interface OomWatcherOptions {
   /** Called once per rise of the count, with the new count. */
   onOom: (count: number) => void;
   log?: Logger;
-  /** v1 only: how often the count is read while the task runs; 0 = only at checks (exit). */
+  /** v1 (and v2 when inotify fails): how often the count is read while the task runs; 0 = only at checks (exit). */
   pollMs?: number;
 }
 
