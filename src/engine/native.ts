@@ -35,7 +35,7 @@
  */
 import type { ManifestFile } from '../snapshot/manifest.js';
 import { spawn } from 'node:child_process';
-import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync, readdirSync, readlinkSync, rmdirSync } from 'node:fs';
+import { closeSync, constants as fsConstants, fstatSync, openSync, readdirSync, readlinkSync, rmdirSync } from 'node:fs';
 import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
 import { isAbsolute, join, resolve } from 'node:path';
@@ -58,6 +58,7 @@ import { criuCheckFeature, criuVersion, unmountAllUnder } from '../runc/criu.js'
 import type { RuncStdio, RuncStdioSlot } from '../runc/options.js';
 import { Runc, type RuncVerb } from '../runc/runc.js';
 import { runtimeIdFor } from './container-id.js';
+import { cgroupProcs, holdersOf, procStat, processTree } from '../procfs.js';
 import type { LinuxResources } from './cgroup-resources.js';
 import type {
   CheckpointOptions,
@@ -521,7 +522,7 @@ export class NativeEngine implements Engine {
     for (const pid of processTree(holdersOf([PLAIN_WORK_DIR, LAZY_WORK_DIR].map((d) => `${join(a.dir, d)}/`)))) kill(pid);
     const deadline = performance.now() + KILL_TIMEOUT_MS;
     for (;;) {
-      const inCgroup = cgroupProcs(a.bundle.cgroupsPath).filter((pid) => isAlive(pid, 0) && !spare.has(pid));
+      const inCgroup = containerCgroupProcs(a.bundle.cgroupsPath).filter((pid) => isAlive(pid, 0) && !spare.has(pid));
       inCgroup.forEach(kill);
       const alive = [...targets].filter(([pid, startTime]) => isAlive(pid, startTime)).map(([pid]) => pid);
       if (alive.length === 0 && inCgroup.length === 0) break;
@@ -1106,28 +1107,6 @@ function closeQuietly(fd: number): void {
 
 // ---- processes ----
 
-export interface ProcStat {
-  /** R, S, D, Z, T, X, … */
-  state: string;
-  /** Clock ticks since boot (field 22): tells a reused pid apart. */
-  startTime: number;
-  /** waitpid-style status (field 52), meaningful for zombies. */
-  exitCode: number;
-}
-
-/** /proc/<pid>/stat, or null when there is no such process. */
-export function procStat(pid: number): ProcStat | null {
-  let text: string;
-  try {
-    text = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  } catch {
-    return null;
-  }
-  // comm may hold spaces and parentheses: fields start after the last ')'.
-  const fields = text.slice(text.lastIndexOf(')') + 2).trim().split(' ');
-  return { state: fields[0] ?? '', startTime: Number(fields[19] ?? 0), exitCode: Number(fields[49] ?? 0) };
-}
-
 /** A waitpid status → containerd's exit status (code, or 128 + signal). */
 export function decodeWaitStatus(status: number): number {
   const signal = status & 0x7f;
@@ -1160,79 +1139,10 @@ function isAlive(pid: number, startTime: number): boolean {
   return st !== null && st.state !== 'Z' && st.state !== 'X' && (startTime === 0 || st.startTime === startTime);
 }
 
-/** Pids of /proc, read once. */
-function allPids(): number[] {
-  let names: string[];
-  try {
-    names = readdirSync('/proc');
-  } catch {
-    return [];
-  }
-  return names.filter((n) => /^\d+$/.test(n)).map(Number);
-}
-
-/** Processes holding an open file whose path starts with one of `prefixes`. */
-function holdersOf(prefixes: readonly string[]): number[] {
-  const out: number[] = [];
-  for (const pid of allPids()) {
-    if (pid === process.pid) continue;
-    let fds: string[];
-    try {
-      fds = readdirSync(`/proc/${pid}/fd`);
-    } catch {
-      continue;
-    }
-    for (const fd of fds) {
-      let target = '';
-      try {
-        target = readlinkSync(`/proc/${pid}/fd/${fd}`);
-      } catch {
-        continue;
-      }
-      if (prefixes.some((p) => target.startsWith(p))) {
-        out.push(pid);
-        break;
-      }
-    }
-  }
-  return out;
-}
-
-/** `roots` and all their descendants (by the parent pid in /proc/<pid>/stat). */
-function processTree(roots: readonly number[]): number[] {
-  if (roots.length === 0) return [];
-  const children = new Map<number, number[]>();
-  for (const pid of allPids()) {
-    const ppid = parentOf(pid);
-    if (ppid === null) continue;
-    const list = children.get(ppid) ?? [];
-    list.push(pid);
-    children.set(ppid, list);
-  }
-  const out = new Set<number>();
-  const queue = [...roots];
-  for (let pid = queue.shift(); pid !== undefined; pid = queue.shift()) {
-    if (out.has(pid)) continue;
-    out.add(pid);
-    queue.push(...(children.get(pid) ?? []));
-  }
-  return [...out];
-}
-
-function parentOf(pid: number): number | null {
-  try {
-    const text = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const ppid = Number(text.slice(text.lastIndexOf(')') + 2).split(' ')[1]);
-    return Number.isSafeInteger(ppid) ? ppid : null;
-  } catch {
-    return null;
-  }
-}
-
 /** This process and its ancestors: never killed, whatever cgroup they share. */
 function ownLineage(): Set<number> {
   const out = new Set<number>();
-  for (let pid: number | null = process.pid; pid !== null && pid > 0 && !out.has(pid); pid = parentOf(pid)) out.add(pid);
+  for (let pid: number | undefined = process.pid; pid !== undefined && pid > 0 && !out.has(pid); pid = procStat(pid)?.ppid) out.add(pid);
   return out;
 }
 
@@ -1251,18 +1161,8 @@ function cgroupDirs(cgroupsPath: string): string[] {
 }
 
 /** Every pid in the container's cgroups. */
-function cgroupProcs(cgroupsPath: string): number[] {
-  const pids = new Set<number>();
-  for (const dir of cgroupDirs(cgroupsPath)) {
-    let text = '';
-    try {
-      text = readFileSync(join(dir, 'cgroup.procs'), 'utf8');
-    } catch {
-      continue;
-    }
-    for (const line of text.split('\n')) if (/^\d+$/.test(line)) pids.add(Number(line));
-  }
-  return [...pids];
+function containerCgroupProcs(cgroupsPath: string): number[] {
+  return cgroupProcs(cgroupDirs(cgroupsPath));
 }
 
 /**
@@ -1271,7 +1171,7 @@ function cgroupProcs(cgroupsPath: string): number[] {
  * container's own (measured on the H100: a hung container left by a killed script). Refuse instead.
  */
 function refuseBusyCgroup(id: string, cgroupsPath: string): void {
-  const busy = cgroupProcs(cgroupsPath);
+  const busy = containerCgroupProcs(cgroupsPath);
   if (busy.length > 0) {
     throw new ShimError(
       'FailedPrecondition',

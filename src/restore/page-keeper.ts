@@ -1,11 +1,12 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, openSync, readFileSync, readdirSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, statSync, writeFileSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import { dirname, extname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { ShimError } from '../errors.js';
 import type { Logger } from '../log/logger.js';
+import { cgroupProcs, fdTarget, holdersOf, procTable, processTree } from '../procfs.js';
 
 /**
  * The page keeper: a small detached process that makes a dying thaw process safe during a lazy
@@ -316,91 +317,16 @@ export async function killTargets(targets: PageKeeperTargets, timeoutMs: number)
 /** Every live (not zombie) process the targets name, this process excepted. */
 function liveTargets(targets: PageKeeperTargets): number[] {
   const table = procTable();
-  const roots = new Set<number>();
-  for (const dir of targets.cgroupDirs) for (const pid of cgroupProcs(dir)) roots.add(pid);
+  const roots = new Set<number>(cgroupProcs(targets.cgroupDirs));
   for (const { pid, startTime } of targets.pids ?? []) {
     const st = table.get(pid);
     if (st !== undefined && (startTime === 0 || st.startTime === startTime)) roots.add(pid);
   }
-  if ((targets.holderPrefixes ?? []).length > 0) for (const pid of holdersOf(table, targets.holderPrefixes ?? [])) roots.add(pid);
-  const out = new Set<number>();
-  const children = new Map<number, number[]>();
-  for (const [pid, st] of table) children.set(st.ppid, [...(children.get(st.ppid) ?? []), pid]);
-  const queue = [...roots];
-  while (queue.length > 0) {
-    const pid = queue.pop()!;
-    if (out.has(pid)) continue;
-    out.add(pid);
-    queue.push(...(children.get(pid) ?? []));
-  }
-  out.delete(process.pid);
-  return [...out].filter((pid) => {
+  if ((targets.holderPrefixes ?? []).length > 0) for (const pid of holdersOf(targets.holderPrefixes ?? [], table.keys())) roots.add(pid);
+  return processTree(roots, table).filter((pid) => {
     const state = table.get(pid)?.state;
-    return state !== undefined && state !== 'Z' && state !== 'X';
+    return pid !== process.pid && state !== undefined && state !== 'Z' && state !== 'X';
   });
-}
-
-interface ProcEntry {
-  state: string;
-  ppid: number;
-  startTime: number;
-}
-
-/** /proc/<pid>/stat of every process, read once. */
-function procTable(): Map<number, ProcEntry> {
-  const out = new Map<number, ProcEntry>();
-  let names: string[] = [];
-  try {
-    names = readdirSync('/proc');
-  } catch {
-    return out;
-  }
-  for (const name of names) {
-    if (!/^\d+$/.test(name)) continue;
-    try {
-      const text = readFileSync(`/proc/${name}/stat`, 'utf8');
-      // The command may hold spaces and parentheses: fields start after the last ')'.
-      const f = text.slice(text.lastIndexOf(')') + 2).split(' ');
-      out.set(Number(name), { state: f[0] ?? '?', ppid: Number(f[1]), startTime: Number(f[19]) });
-    } catch {
-      // gone
-    }
-  }
-  return out;
-}
-
-function cgroupProcs(dir: string): number[] {
-  try {
-    return readFileSync(join(dir, 'cgroup.procs'), 'utf8')
-      .split('\n')
-      .filter((l) => /^\d+$/.test(l))
-      .map(Number);
-  } catch {
-    return [];
-  }
-}
-
-function holdersOf(table: ReadonlyMap<number, ProcEntry>, prefixes: readonly string[]): number[] {
-  const out: number[] = [];
-  for (const pid of table.keys()) {
-    if (pid === process.pid) continue;
-    let fds: string[];
-    try {
-      fds = readdirSync(`/proc/${pid}/fd`);
-    } catch {
-      continue;
-    }
-    if (fds.some((fd) => prefixes.some((p) => fdTarget(fd, pid).startsWith(p)))) out.push(pid);
-  }
-  return out;
-}
-
-function fdTarget(fd: number | string, pid: number | 'self' = 'self'): string {
-  try {
-    return readlinkSync(`/proc/${pid}/fd/${fd}`);
-  } catch {
-    return '';
-  }
 }
 
 function inodeOf(path: string): string | undefined {

@@ -15,11 +15,11 @@ import {
   decodeWaitStatus,
   interposeStdio,
   isAnonymousPipe,
-  procStat,
   stopRelays,
   type NativeEngineOptions,
   type NativeLazyPagesTuning,
 } from '../../src/engine/native.js';
+import { procStat } from '../../src/procfs.js';
 import { RuncError } from '../../src/errors.js';
 import type { Logger } from '../../src/log/logger.js';
 import { PagesUnsupportedError } from '../../src/restore/pages-image.js';
