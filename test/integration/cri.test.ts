@@ -12,27 +12,15 @@ import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import http from 'node:http';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import t from 'tap';
 import { ORIGINAL_CRI_ANNOTATION_PREFIX } from '../../src/bundle/cri.js';
 import { ContainerdHarness, commandExists, integrationSkipReason, runCommand, until } from '../helpers/containerd.js';
 import { buildDemoImage, buildOciImage, buildRootfs, imageToolsMissing, ticksOf } from '../helpers/oci-image.js';
+import { CRI_NS, criClient, loadGrpc } from '../helpers/cri.js';
 
-const PROTO = fileURLToPath(new URL('../fixtures/cri/api.proto', import.meta.url));
 const SANDBOX_IMAGE = 'localhost/thaw-it-pause:1';
 const APP_IMAGE = 'localhost/thaw-it-cri:1';
-const NS = 'k8s.io';
-
-type Grpc = typeof import('@grpc/grpc-js');
-type ProtoLoader = typeof import('@grpc/proto-loader');
-
-async function loadGrpc(): Promise<{ grpc: Grpc; loader: ProtoLoader } | string> {
-  try {
-    return { grpc: await import('@grpc/grpc-js'), loader: await import('@grpc/proto-loader') };
-  } catch {
-    return '@grpc/grpc-js and @grpc/proto-loader are not installed (npm devDependencies)';
-  }
-}
+const NS = CRI_NS;
 
 const deps = await loadGrpc();
 const skip =
@@ -41,23 +29,6 @@ const skip =
   (existsSync('/usr/lib/cni/bridge') && existsSync('/usr/lib/cni/portmap') ? undefined : 'CNI plugins not installed in /usr/lib/cni') ??
   (commandExists('ip') ? undefined : 'iproute2 (ip) not installed') ??
   (typeof deps === 'string' ? deps : undefined);
-
-/** A promise-returning RuntimeService client over containerd's CRI socket. */
-type Call = (method: string, request: Record<string, unknown>, timeoutMs?: number) => Promise<Record<string, unknown>>;
-
-function criClient({ grpc, loader }: { grpc: Grpc; loader: ProtoLoader }, socket: string): { call: Call; close: () => void } {
-  const def = loader.loadSync(PROTO, { keepCase: false, longs: String, enums: String, defaults: true, oneofs: true });
-  const pkg = grpc.loadPackageDefinition(def) as unknown as {
-    runtime: { v1: { RuntimeService: new (address: string, creds: ReturnType<Grpc['credentials']['createInsecure']>) => Record<string, unknown> & { close(): void } } };
-  };
-  const client = new pkg.runtime.v1.RuntimeService(`unix://${socket}`, grpc.credentials.createInsecure());
-  const call: Call = (method, request, timeoutMs = 120_000) =>
-    new Promise((resolve, reject) => {
-      const fn = client[method] as (req: unknown, opts: { deadline: Date }, cb: (err: Error | null, res: Record<string, unknown>) => void) => void;
-      fn.call(client, request, { deadline: new Date(Date.now() + timeoutMs) }, (err, res) => (err ? reject(err) : resolve(res)));
-    });
-  return { call, close: () => client.close() };
-}
 
 /** The host pid runsc reports for a container (its sandbox's process): equal pids, one sandbox. */
 async function runscPid(h: ContainerdHarness, rid: string): Promise<number> {

@@ -12,18 +12,15 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import t, { type Test } from 'tap';
 import { ContainerdHarness, commandExists, containerdVersions, integrationSkipReason, until, type ContainerdVersion } from '../helpers/containerd.js';
 import { buildOciImage, buildRootfs, imageToolsMissing } from '../helpers/oci-image.js';
+import { CRI_NS, criClient, type Grpc, type ProtoLoader } from '../helpers/cri.js';
 
 const IMAGE = 'localhost/thaw-it-oom:1';
 const MIB = 1024 * 1024;
 /** Room for the sentry and the gofer (~40 MiB here) but not for the app's fill. */
 const LIMIT = 128 * MIB;
-
-type Grpc = typeof import('@grpc/grpc-js');
-type ProtoLoader = typeof import('@grpc/proto-loader');
 
 const skip = integrationSkipReason() ?? imageToolsMissing({ demoApp: true });
 const grpc: Grpc | string = await import('@grpc/grpc-js').catch(() => '@grpc/grpc-js is not installed (npm devDependency)');
@@ -150,26 +147,6 @@ async function oom(t: Test, version: ContainerdVersion): Promise<void> {
   });
 }
 
-const CRI_PROTO = fileURLToPath(new URL('../fixtures/cri/api.proto', import.meta.url));
-const CRI_NS = 'k8s.io';
-
-type CriCall = (method: string, request: Record<string, unknown>) => Promise<Record<string, unknown>>;
-
-/** A promise-returning CRI RuntimeService client over containerd's socket. */
-function criClient(g: Grpc, protoLoader: ProtoLoader, socket: string): { call: CriCall; close: () => void } {
-  const def = protoLoader.loadSync(CRI_PROTO, { keepCase: false, longs: String, enums: String, defaults: true, oneofs: true });
-  const pkg = g.loadPackageDefinition(def) as unknown as {
-    runtime: { v1: { RuntimeService: new (address: string, creds: ReturnType<Grpc['credentials']['createInsecure']>) => Record<string, unknown> & { close(): void } } };
-  };
-  const client = new pkg.runtime.v1.RuntimeService(`unix://${socket}`, g.credentials.createInsecure());
-  const call: CriCall = (method, request) =>
-    new Promise((resolve, reject) => {
-      const fn = client[method] as (req: unknown, opts: { deadline: Date }, cb: (err: Error | null, res: Record<string, unknown>) => void) => void;
-      fn.call(client, request, { deadline: new Date(Date.now() + 120_000) }, (err, res) => (err ? reject(err) : resolve(res)));
-    });
-  return { call, close: () => client.close() };
-}
-
 async function criOom(t: Test, g: Grpc, protoLoader: ProtoLoader): Promise<void> {
   const image = 'localhost/thaw-it-oom-cri:1';
   const h = await ContainerdHarness.start(t.teardown.bind(t), {
@@ -181,7 +158,7 @@ async function criOom(t: Test, g: Grpc, protoLoader: ProtoLoader): Promise<void>
   const rootfs = await buildRootfs({ dir: path.join(h.dir, 'rootfs'), demoApp: true });
   const built = await buildOciImage({ workDir: h.dir, rootfs, name: image, cmd: ['/bin/sleep', '2147483647'], out: path.join(h.dir, 'image.tar') });
   await h.importImage(built.tar, CRI_NS);
-  const cri = criClient(g, protoLoader, h.grpc);
+  const cri = criClient({ grpc: g, loader: protoLoader }, h.grpc);
   t.teardown(() => cri.close());
 
   const podConfig = {

@@ -12,32 +12,20 @@
  */
 import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { create, toBinary } from '@bufbuild/protobuf';
 import { AnySchema } from '@bufbuild/protobuf/wkt';
 import t, { type Test } from 'tap';
 import { UpdateTaskRequestSchema } from '../../src/gen/containerd/task/v2/shim_pb.js';
 import { ContainerdHarness, commandExists, containerdVersions, integrationSkipReason, type ContainerdVersion } from '../helpers/containerd.js';
 import { buildOciImage, buildRootfs, imageToolsMissing } from '../helpers/oci-image.js';
+import { CRI_NS, criClient, type Grpc, type ProtoLoader } from '../helpers/cri.js';
 
 const IMAGE = 'localhost/thaw-it-update:1';
 const MIB = 1024 * 1024;
 /** containerd's type URL for specs.LinuxResources (its client registers it with typeurl). */
 const LINUX_RESOURCES = 'types.containerd.io/opencontainers/runtime-spec/1/LinuxResources';
 
-type Grpc = typeof import('@grpc/grpc-js');
-
-async function loadGrpc(): Promise<Grpc | string> {
-  try {
-    return await import('@grpc/grpc-js');
-  } catch {
-    return '@grpc/grpc-js is not installed (npm devDependency)';
-  }
-}
-
-type ProtoLoader = typeof import('@grpc/proto-loader');
-
-const grpc = await loadGrpc();
+const grpc: Grpc | string = await import('@grpc/grpc-js').catch(() => '@grpc/grpc-js is not installed (npm devDependency)');
 const loader: ProtoLoader | string = await import('@grpc/proto-loader').catch(() => '@grpc/proto-loader is not installed (npm devDependency)');
 const skip = integrationSkipReason() ?? imageToolsMissing() ?? (typeof grpc === 'string' ? grpc : undefined);
 const criSkip =
@@ -184,26 +172,6 @@ async function updates(t: Test, version: ContainerdVersion, g: Grpc): Promise<vo
   });
 }
 
-const CRI_PROTO = fileURLToPath(new URL('../fixtures/cri/api.proto', import.meta.url));
-const CRI_NS = 'k8s.io';
-
-type CriCall = (method: string, request: Record<string, unknown>) => Promise<Record<string, unknown>>;
-
-/** A promise-returning CRI RuntimeService client over containerd's socket (as cri.test.ts builds it). */
-function criClient(g: Grpc, protoLoader: ProtoLoader, socket: string): { call: CriCall; close: () => void } {
-  const def = protoLoader.loadSync(CRI_PROTO, { keepCase: false, longs: String, enums: String, defaults: true, oneofs: true });
-  const pkg = g.loadPackageDefinition(def) as unknown as {
-    runtime: { v1: { RuntimeService: new (address: string, creds: ReturnType<Grpc['credentials']['createInsecure']>) => Record<string, unknown> & { close(): void } } };
-  };
-  const client = new pkg.runtime.v1.RuntimeService(`unix://${socket}`, g.credentials.createInsecure());
-  const call: CriCall = (method, request) =>
-    new Promise((resolve, reject) => {
-      const fn = client[method] as (req: unknown, opts: { deadline: Date }, cb: (err: Error | null, res: Record<string, unknown>) => void) => void;
-      fn.call(client, request, { deadline: new Date(Date.now() + 120_000) }, (err, res) => (err ? reject(err) : resolve(res)));
-    });
-  return { call, close: () => client.close() };
-}
-
 async function criUpdate(t: Test, g: Grpc, protoLoader: ProtoLoader): Promise<void> {
   const image = 'localhost/thaw-it-update-cri:1';
   const h = await ContainerdHarness.start(t.teardown.bind(t), {
@@ -215,7 +183,7 @@ async function criUpdate(t: Test, g: Grpc, protoLoader: ProtoLoader): Promise<vo
   const rootfs = await buildRootfs({ dir: path.join(h.dir, 'rootfs') });
   const built = await buildOciImage({ workDir: h.dir, rootfs, name: image, cmd: ['/bin/sleep', '2147483647'], out: path.join(h.dir, 'image.tar') });
   await h.importImage(built.tar, CRI_NS);
-  const cri = criClient(g, protoLoader, h.grpc);
+  const cri = criClient({ grpc: g, loader: protoLoader }, h.grpc);
   t.teardown(() => cri.close());
 
   const podConfig = {
