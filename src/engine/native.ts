@@ -59,7 +59,7 @@ import type { RuncStdio, RuncStdioSlot } from '../runc/options.js';
 import { Runc, type RuncVerb } from '../runc/runc.js';
 import { runtimeIdFor } from './container-id.js';
 import { cgroupProcs, holdersOf, procStat, processTree } from '../procfs.js';
-import type { LinuxResources } from './cgroup-resources.js';
+import { readSandboxCgroup, type LinuxResources, type ProcessCgroup } from './cgroup-resources.js';
 import type {
   CheckpointOptions,
   CreateOptions,
@@ -689,6 +689,14 @@ export class NativeEngine implements Engine {
   /** `runc update`: runc writes the container's cgroup and refuses what it cannot change. */
   async update(id: string, resources: LinuxResources): Promise<void> {
     await this.runc.update(this.#rid(id), resources);
+  }
+
+  /** The container's own cgroup, from its init's /proc entry (for OOM kill counts: task/oom.ts). */
+  async cgroupOf(id: string): Promise<ProcessCgroup | undefined> {
+    const { pid } = await this.state(id);
+    if (pid <= 0) return undefined;
+    const { cgroup, shared } = await readSandboxCgroup(pid, '/proc', 'cgroup of the container');
+    return shared ? undefined : cgroup;
   }
 
   async stats(id: string): Promise<ResourceStats> {

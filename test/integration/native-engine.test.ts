@@ -186,6 +186,8 @@ t.test('create, checkpoint, restore (same id, new id, leave-running): memory int
   t.same(await w.engine.ps('first'), [started.pid], 'runc ps gives host pids');
   const stats = await w.engine.stats('first');
   t.ok((stats.memoryUsageBytes ?? 0) > 200 * 2 ** 20, `memory usage ${stats.memoryUsageBytes} counts the 256 MiB`);
+  const cgroup = await w.engine.cgroupOf!('first');
+  t.match(cgroup?.path, new RegExp(`${w.rid('first')}$`), 'cgroupOf: the container cgroup runc made (OOM kill counts are read there)');
   await w.engine.update!('first', { memory: { limit: 2 ** 30 } });
   t.equal((await w.engine.stats('first')).memoryLimitBytes, 2 ** 30, 'update: runc applied the memory limit');
   if (existsSync('/sys/fs/cgroup/memory/memory.limit_in_bytes')) {
