@@ -691,9 +691,18 @@ export class NativeEngine implements Engine {
     await this.runc.update(this.#rid(id), resources);
   }
 
-  /** The container's own cgroup, from its init's /proc entry (for OOM kill counts: task/oom.ts). */
+  /**
+   * The container's own cgroup, from its init's /proc entry (for OOM kill counts: task/oom.ts);
+   * undefined while there is no init (a restore creates the container only at Start).
+   */
   async cgroupOf(id: string): Promise<ProcessCgroup | undefined> {
-    const { pid } = await this.state(id);
+    const pid = await this.state(id).then(
+      (st) => st.pid,
+      (err: unknown) => {
+        if (isShimError(err, 'NotFound')) return 0;
+        throw err;
+      },
+    );
     if (pid <= 0) return undefined;
     const { cgroup, shared } = await readSandboxCgroup(pid, '/proc', 'cgroup of the container');
     return shared ? undefined : cgroup;

@@ -200,16 +200,23 @@ interface Harness {
 async function started(
   t: Test,
   mode: 'v1' | 'v2',
-  { withCgroup = true, restore = false, kills = 0 }: { withCgroup?: boolean; restore?: boolean; kills?: number } = {},
+  {
+    withCgroup = true,
+    restore = false,
+    kills = 0,
+    cgroupFromStart = false,
+  }: { withCgroup?: boolean; restore?: boolean; kills?: number; cgroupFromStart?: boolean } = {},
 ): Promise<Harness> {
   const dir = await tempDir(t);
   await setKills(dir, mode, kills);
   const shim = fakeShim();
   if (restore) shim.lifecycle.restoreFor.add('c1');
   if (withCgroup) {
-    // The shared FakeEngine has no cgroupOf (like the native engine); this one gets it.
+    // The shared FakeEngine has no cgroupOf; this one gets it. cgroupFromStart: only once started or
+    // restored, as the native engine's restore creates the container at Start.
     const engine: Engine = shim.engine;
-    engine.cgroupOf = async (id: string) => (id === 'c1' ? cgroupAt(dir, mode) : undefined);
+    const exists = (): boolean => !cgroupFromStart || shim.engine.calls.some((c) => c === 'start c1' || c === 'restore c1');
+    engine.cgroupOf = async (id: string) => (id === 'c1' && exists() ? cgroupAt(dir, mode) : undefined);
   }
   const h = new TaskService(shim.ctx, shim.runtime).handlers() as Required<TaskServiceImpl>;
   const call = async (method: keyof TaskServiceImpl, req: Record<string, unknown>): Promise<unknown> =>
@@ -265,7 +272,15 @@ t.test('service: a kill while the task runs (v2 inotify) → TaskOOM at once; no
   t.same(h.topics(), ['/tasks/create', '/tasks/start', '/tasks/oom', '/tasks/exit', '/tasks/delete'], 'one TaskOOM, nothing after Delete');
 });
 
-t.test('service: an engine without cgroupOf (native) publishes no TaskOOM', async (t) => {
+t.test('service: a cgroup that exists only from the start (native restore) is watched from then on', async (t) => {
+  const h = await started(t, 'v1', { restore: true, cgroupFromStart: true });
+  await setKills(h.dir, 'v1', 1);
+  h.shim.engine.exit('c1', 137);
+  await h.call('wait', { id: 'c1', execId: '' });
+  t.same(h.topics(), ['/tasks/create', '/tasks/start', '/tasks/oom', '/tasks/exit']);
+});
+
+t.test('service: an engine without cgroupOf publishes no TaskOOM', async (t) => {
   const h = await started(t, 'v1', { withCgroup: false });
   await setKills(h.dir, 'v1', 1);
   h.shim.engine.exit('c1', 137);

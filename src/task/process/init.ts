@@ -117,15 +117,17 @@ export class InitProcess implements Process {
 
   /** Starts or restores the app (lifecycle decides by the prepared kind), then watches for its exit. */
   async launch(prepared: Prepared): Promise<void> {
-    // The baseline before the app runs (the sandbox and its cgroup exist since Create), so an early kill counts.
-    const oom = await this.#openOomWatcher();
+    // The baseline before the app runs where the cgroup exists since Create (gVisor), so an early kill
+    // counts; else (a native restore creates the container at Start) from right after the start.
+    const early = await this.#openOomWatcher();
     let started: Started;
     try {
       started = await this.#o.lifecycle.start(prepared);
     } catch (err) {
-      oom?.stop();
+      early?.stop();
       throw err;
     }
+    const oom = early ?? (await this.#openOomWatcher());
     // A restored terminal task gets its pty from the restore (a cold one attached at Create).
     if (this.#o.io instanceof TerminalIo && !this.#o.io.attached) await this.#o.io.attach();
     this.#record = started.record;
