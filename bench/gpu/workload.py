@@ -64,6 +64,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["pattern", "qwen", "cpu"], default="pattern")
     ap.add_argument("--gib", type=float, default=1.0)
+    ap.add_argument("--gpus", type=int, default=1, help="pattern mode: spread the chunks over this many GPUs (round robin)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--weights", default="")
     # A KV-cache-like buffer (default 2 GiB for qwen, none for pattern) that `kv-release` frees and
@@ -167,11 +168,12 @@ class Workload:
         self.torch.cuda.synchronize()
         return {"ok": True, "buffers": len(released), "memReserved": self.torch.cuda.memory_reserved(), "s": round(now() - t0, 3)}
 
-    def _chunk_from_seed(self, seed, n):
+    def _chunk_from_seed(self, seed, n, dev=None):
         torch = self.torch
-        g = torch.Generator(device=self.dev)
+        dev = self.dev if dev is None else dev
+        g = torch.Generator(device=dev)
         g.manual_seed(seed)
-        return torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, device=self.dev, generator=g)
+        return torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, device=dev, generator=g)
 
     def _load_pattern(self, nbytes, name="pattern", seed_offset=0):
         left = nbytes - nbytes % 4  # int32 elements: a remainder under 4 bytes would never shrink
@@ -179,7 +181,9 @@ class Workload:
         while left > 0:
             n = min(CHUNK, left) // 4
             seed = self.args.seed * 100_003 + seed_offset + i
-            self.buffers.append((f"{name}{i}", self._chunk_from_seed(seed, n), seed))
+            # --gpus N: chunk i lives on GPU i mod N (the first, which compute() uses, on GPU 0).
+            dev = self.torch.device("cuda", i % self.args.gpus) if self.args.gpus > 1 else None
+            self.buffers.append((f"{name}{i}", self._chunk_from_seed(seed, n, dev), seed))
             left -= n * 4
             i += 1
 
@@ -393,11 +397,13 @@ class Workload:
         in any order, so they are deterministic, and the weighted one notices moved data."""
         torch = self.torch
         n_max = max(t.numel() * t.element_size() // 4 for _, t, _ in self.buffers)
-        pos = (torch.arange(n_max, device=self.dev, dtype=torch.int64) % 65521) + 1
+        pos = {}  # per device: buffers may live on several GPUs (--gpus)
         sums = []
         for name, t, _ in self.buffers:
+            if t.device not in pos:
+                pos[t.device] = (torch.arange(n_max, device=t.device, dtype=torch.int64) % 65521) + 1
             x = t.view(torch.int32).view(-1).to(torch.int64)
-            sums.append((name, int(x.sum().item()), int((x * pos[: x.numel()]).sum().item())))
+            sums.append((name, int(x.sum().item()), int((x * pos[t.device][: x.numel()]).sum().item())))
             del x
         del pos
         torch.cuda.synchronize()
@@ -429,7 +435,7 @@ class Workload:
         regen_checked = 0
         for name, t, seed in self.buffers:
             if seed is not None:
-                if not torch.equal(t, self._chunk_from_seed(seed, t.numel())):
+                if not torch.equal(t, self._chunk_from_seed(seed, t.numel(), t.device)):
                     bad.append(name + "(regen)")
                 regen_checked += 1
         torch.cuda.synchronize()
