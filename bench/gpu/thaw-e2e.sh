@@ -8,7 +8,8 @@
 # Optional env: KVGIB=N adds an N GiB KV-cache-like buffer; KV=discard frees it before the checkpoint
 # (kv-release, as vLLM's /sleep) and re-creates it after the restore (kv-reacquire, as /wake_up), inside
 # the timed restore-to-first-request; LAZY=auto|on|off sets the native engine's restore.lazyPages;
-# GPUS=N spreads pattern mode's chunks over N GPUs (one process, a CUDA context per GPU);
+# GPUS=N spreads pattern mode's chunks over N GPUs (one process, a CUDA context per GPU); PROCS=N runs
+# one process per GPU instead (as tensor parallelism does), GIB split evenly;
 # DROP=1 drops the page cache before the restore; ENGINE=gvisor runs it under runsc with nvproxy
 # (RUNC and CRIU are then unused) — only where runsc's nvproxy supports the host driver.
 #
@@ -64,9 +65,9 @@ JSON
 sed 's/"verify": true/"verify": false/' "$W/thaw.json" > "$W/thaw-nv.json"  # for CACHES tokens ending in -nv
 # The bundle: an overlay of the host's / (python + torch), the driver and /dev/nvidia* devices. The
 # image digest annotation gives the snapshot key an image identity, so no rootfs walk of / is needed.
-"$PY" - "$W" "$PY" "$MODE" "$GIB" "$BINDS" "$KVGIB" "$ENGINE" "${GPUS:-1}" <<'PYEOF'
+"$PY" - "$W" "$PY" "$MODE" "$GIB" "$BINDS" "$KVGIB" "$ENGINE" "${GPUS:-1}" "${PROCS:-1}" <<'PYEOF'
 import json, os, stat, sys
-w, py, mode, gib, binds, kvgib, engine, gpus = sys.argv[1:9]
+w, py, mode, gib, binds, kvgib, engine, gpus, procs = sys.argv[1:10]
 nodes = []
 for n in sorted(os.listdir("/dev")):
     p = "/dev/" + n
@@ -90,7 +91,7 @@ for b in filter(None, binds.split(",")):
 spec = {
     "ociVersion": "1.0.2",
     "process": {"terminal": False, "user": {"uid": 0, "gid": 0},
-                "args": [py, w + "/workload.py", "--ctl", w + "/ctl", "--mode", mode, "--gib", gib, "--kv-gib", kvgib, "--gpus", gpus],
+                "args": [py, w + "/workload.py", "--ctl", w + "/ctl", "--mode", mode, "--gib", gib, "--kv-gib", kvgib, "--gpus", gpus, "--procs", procs],
                 "env": env, "cwd": "/tmp", "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
                 "noNewPrivileges": True},
     "root": {"path": "rootfs", "readonly": False},

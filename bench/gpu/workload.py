@@ -65,6 +65,9 @@ def main():
     ap.add_argument("--mode", choices=["pattern", "qwen", "cpu"], default="pattern")
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--gpus", type=int, default=1, help="pattern mode: spread the chunks over this many GPUs (round robin)")
+    ap.add_argument("--procs", type=int, default=1,
+                    help="pattern mode: one process per GPU (as tensor parallelism runs), --gib split evenly; "
+                         "the first process serves the commands and relays ping/verify to the others")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--weights", default="")
     # A KV-cache-like buffer (default 2 GiB for qwen, none for pattern) that `kv-release` frees and
@@ -85,6 +88,8 @@ def main():
 
     import torch  # noqa: E402  (timed: import is most of a cold start)
 
+    if args.procs > 1:
+        return main_procs(args, torch)
     t_import = now()
     dev = torch.device("cuda")
     torch.cuda.init()
@@ -114,6 +119,82 @@ def main():
         memReserved=torch.cuda.memory_reserved(),
     )
     serve(args.ctl, w)
+
+
+def rank_args(args, rank):
+    """Process `rank` of --procs: its share of the bytes, its own seeds, one GPU."""
+    a = argparse.Namespace(**vars(args))
+    a.gib, a.seed, a.gpus, a.procs, a.kv_gib = args.gib / args.procs, args.seed + 7919 * rank, 1, 1, 0.0
+    return a
+
+
+def load_rank(torch, args, rank):
+    torch.cuda.set_device(rank)
+    w = Workload(torch, torch.device("cuda", rank), args)
+    w.load()
+    w.compute()
+    w.reference = w.fingerprint()
+    torch.cuda.synchronize()
+    return w
+
+
+def rank_main(conn, args, rank):
+    """A --procs child: holds its GPU's share and answers relayed commands until the pipe closes."""
+    import torch
+
+    w = load_rank(torch, args, rank)
+    conn.send({"ok": True, "rank": rank, "pid": os.getpid(), "gpuBytes": w.gpu_bytes()})
+    while True:
+        try:
+            cmd = conn.recv()
+        except EOFError:
+            return
+        try:
+            res = w.ping() if cmd == "ping" else w.verify() if cmd == "verify" else {"ok": False, "error": f"{cmd!r} is not relayed"}
+        except Exception as e:
+            res = {"ok": False, "error": repr(e)}
+        res["rank"] = rank
+        conn.send(res)
+
+
+class RankGroup:
+    """The first process of --procs: its own Workload on GPU 0, ping/verify relayed to the others."""
+
+    def __init__(self, own, conns):
+        self.own, self.conns = own, conns
+
+    def _all(self, cmd, mine):
+        for c in self.conns:
+            c.send(cmd)
+        results = [mine] + [c.recv() for c in self.conns]
+        return {"ok": all(r.get("ok") for r in results), "ranks": results}
+
+    def ping(self):
+        return self._all("ping", self.own.ping())
+
+    def verify(self):
+        return self._all("verify", self.own.verify())
+
+    def __getattr__(self, name):
+        return getattr(self.own, name)
+
+
+def main_procs(args, torch):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # CUDA in children needs spawn, not fork
+    conns, procs = [], []
+    for rank in range(1, args.procs):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=rank_main, args=(child, rank_args(args, rank), rank), daemon=True)
+        p.start()
+        conns.append(parent)
+        procs.append(p)
+    own = load_rank(torch, rank_args(args, 0), 0)
+    ranks = [c.recv() for c in conns]
+    event(args.ctl, "ready", exec=T_EXEC, totalS=round(now() - T_EXEC, 3), procs=args.procs,
+          gpuBytes=own.gpu_bytes() + sum(r["gpuBytes"] for r in ranks), pids=[os.getpid()] + [r["pid"] for r in ranks])
+    serve(args.ctl, RankGroup(own, conns))
 
 
 class Workload:
