@@ -158,7 +158,7 @@ function sourceFingerprint(): string {
     }
   };
   walk(path.join(repo, 'src'));
-  for (const f of ['tsconfig.json', 'package.json', `bin/${SHIM_BINARY}`, 'bin/thaw', 'bin/launch.mjs', 'scripts/bundle.mjs']) {
+  for (const f of ['tsconfig.json', 'package.json', `bin/${SHIM_BINARY}`, 'bin/thaw', 'bin/launch.mjs', `bin/${SHIM_BINARY}.mjs`, 'scripts/bundle.mjs']) {
     const s = statSync(path.join(repo, f));
     h.update(`${f}\0${s.size}\0${s.mtimeMs}\n`);
   }
@@ -221,7 +221,7 @@ export async function buildThawBinaries(): Promise<string> {
     // What ships: the launchers load the bundle (bin/launch.mjs).
     const bundle = await runCommand(process.execPath, [path.join(repo, 'scripts/bundle.mjs'), path.join(BUILD_DIR, 'dist')], { timeoutMs: 120_000 });
     if (bundle.code !== 0) throw new Error(`bundling failed: ${bundle.out}${bundle.err}`);
-    for (const b of [SHIM_BINARY, 'thaw', 'launch.mjs']) {
+    for (const b of [SHIM_BINARY, 'thaw', 'launch.mjs', `${SHIM_BINARY}.mjs`]) {
       await copyFile(path.join(repo, 'bin', b), path.join(bin, b));
       await chmod(path.join(bin, b), 0o755);
     }

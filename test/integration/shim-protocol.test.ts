@@ -116,7 +116,7 @@ async function buildShim(work: string): Promise<string> {
   if (bundled.code !== 0) throw new Error(`bundling failed: ${bundled.out}${bundled.err}`);
   const bin = path.join(work, 'bin');
   await mkdir(bin);
-  await copyFile(path.join(repo, 'bin', 'launch.mjs'), path.join(bin, 'launch.mjs'));
+  for (const f of ['launch.mjs', `${SHIM}.mjs`]) await copyFile(path.join(repo, 'bin', f), path.join(bin, f));
   await copyFile(path.join(repo, 'bin', SHIM), path.join(bin, SHIM));
   await chmod(path.join(bin, SHIM), 0o755);
   return bin;
