@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the native parts: the I/O addon and the reaper addon (node-gyp, against the headers in
+# Builds the native parts: the I/O, reaper, console and page-server addons (node-gyp, against the headers in
 # /usr/include/node since node-gyp cannot download them here) and thaw-cuda (plain gcc; libcuda is
 # dlopened at run time).
 set -euo pipefail
@@ -16,5 +16,11 @@ fi
 if [ -f native/console/binding.gyp ]; then
   npx node-gyp -C native/console rebuild --nodedir="${npm_config_nodedir:-/usr}" --loglevel=error >/dev/null \
     || { echo "[build] console addon failed to build; terminal (-t) tasks are refused" >&2; }
+fi
+# The userfaultfd page server (native engine: lazy-pages restore overlapped with the CUDA restore).
+# Without it the native engine restores through CRIU alone (restore.lazyPages "auto" says why once).
+if [ -f native/uffd/binding.gyp ]; then
+  npx node-gyp -C native/uffd rebuild --nodedir="${npm_config_nodedir:-/usr}" --loglevel=error >/dev/null \
+    || { echo "[build] page-server addon failed to build; the native engine restores without lazy pages" >&2; }
 fi
 if [ -f native/cuda/Makefile ]; then make -s -C native/cuda; fi
