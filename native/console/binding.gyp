@@ -4,7 +4,7 @@
   "targets": [
     {
       "target_name": "thaw_console",
-      "sources": ["src/console.cc"],
+      "sources": ["src/console.cc", "../src/unix_socket.cc"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],
       "cflags!": ["-fno-exceptions"],

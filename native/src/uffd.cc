@@ -12,7 +12,6 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -31,31 +30,12 @@
 #define XXH_INLINE_ALL  // header-only: the addon needs no libxxhash at run time
 #include <xxhash.h>
 
+#include "unique_fd.h"
+
 namespace thaw::uffd {
 namespace {
 
-// An owned descriptor (closed once; this file's own, so the addon does not depend on other headers).
-class OwnedFd {
- public:
-  OwnedFd() = default;
-  explicit OwnedFd(int fd) : fd_(fd) {}
-  OwnedFd(const OwnedFd&) = delete;
-  OwnedFd& operator=(const OwnedFd&) = delete;
-  ~OwnedFd() { Reset(); }
-  int get() const { return fd_; }
-  int Release() {
-    int fd = fd_;
-    fd_ = -1;
-    return fd;
-  }
-  void Reset(int fd = -1) {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = fd;
-  }
-
- private:
-  int fd_ = -1;
-};
+using OwnedFd = thaw::UniqueFd;
 
 struct FreeDeleter {
   void operator()(void* p) const { free(p); }
@@ -66,30 +46,6 @@ AlignedBuffer AllocAligned(size_t bytes) {
   void* p = nullptr;
   if (posix_memalign(&p, kPageSize, std::max<size_t>(bytes, kPageSize)) != 0) return nullptr;
   return AlignedBuffer(static_cast<char*>(p));
-}
-
-double NowMs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
-// Polls one fd plus the cancel fd. Returns 1 when fd is ready, or -ETIMEDOUT / -ECANCELED / -errno.
-int WaitReadable(int fd, int cancel_fd, int timeout_ms) {
-  pollfd fds[2] = {{fd, POLLIN, 0}, {cancel_fd, POLLIN, 0}};
-  nfds_t n = cancel_fd >= 0 ? 2 : 1;
-  double deadline = NowMs() + timeout_ms;
-  for (;;) {
-    int left = timeout_ms < 0 ? -1 : std::max(0, static_cast<int>(deadline - NowMs()));
-    int rc = poll(fds, n, left);
-    if (rc < 0) {
-      if (errno == EINTR) continue;
-      return -errno;
-    }
-    if (n == 2 && (fds[1].revents & POLLIN)) return -ECANCELED;
-    if (fds[0].revents) return 1;
-    if (rc == 0) return -ETIMEDOUT;
-  }
 }
 
 // Reads exactly len bytes at offset; returns bytes read (< len only at end of file) or -errno.
@@ -118,45 +74,6 @@ std::string Sprintf(const char* fmt, ...) {
 }
 
 }  // namespace
-
-int ListenUnix(const std::string& path, int backlog) {
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::string bind_path = path;
-  OwnedFd dir;
-  if (path.size() >= sizeof(addr.sun_path)) {
-    // sun_path holds 107 bytes; CRIU connects relative to its work dir, which may be deeper. Bind
-    // through the directory's /proc/self/fd link instead (the socket still lands at `path`).
-    size_t slash = path.rfind('/');
-    if (slash == std::string::npos || slash + 1 == path.size()) return -ENAMETOOLONG;
-    dir.Reset(open(slash == 0 ? "/" : path.substr(0, slash).c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
-    if (dir.get() < 0) return -errno;
-    bind_path = Sprintf("/proc/self/fd/%d/%s", dir.get(), path.c_str() + slash + 1);
-  }
-  if (bind_path.empty() || bind_path.size() >= sizeof(addr.sun_path)) return -ENAMETOOLONG;
-  memcpy(addr.sun_path, bind_path.c_str(), bind_path.size() + 1);
-  OwnedFd fd(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (fd.get() < 0) return -errno;
-  struct stat st;
-  if (lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path.c_str());
-  if (bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0) return -errno;
-  if (listen(fd.get(), backlog) < 0) {
-    int err = errno;
-    unlink(path.c_str());
-    return -err;
-  }
-  return fd.Release();
-}
-
-int AcceptClient(int listen_fd, int cancel_fd, int timeout_ms) {
-  int rc = WaitReadable(listen_fd, cancel_fd, timeout_ms);
-  if (rc < 0) return rc;
-  for (;;) {
-    int fd = accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd >= 0) return fd;
-    if (errno != EINTR) return -errno;
-  }
-}
 
 int ReceiveMessage(int client_fd, int cancel_fd, int timeout_ms, LazyMessage* out) {
   *out = LazyMessage{};
@@ -221,16 +138,6 @@ int ReceiveMessage(int client_fd, int cancel_fd, int timeout_ms, LazyMessage* ou
     out->kind = LazyMessage::kTask;
     return 0;
   }
-}
-
-int CreateCancelFd() {
-  int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  return fd < 0 ? -errno : fd;
-}
-
-int SignalCancel(int fd) {
-  uint64_t one = 1;
-  return write(fd, &one, sizeof one) == sizeof one ? 0 : -errno;
 }
 
 int HashFileXxh64(const std::string& path, int cancel_fd, std::string* hex, uint64_t* bytes, Failure* failure) {

@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "unix_socket.h"  // ListenUnix, AcceptClient, CreateCancelFd, SignalCancel, WaitReadable
+
 namespace thaw::uffd {
 
 constexpr uint64_t kPageSize = 4096;
@@ -31,14 +33,6 @@ struct Failure {
   bool failed() const { return !op.empty(); }
 };
 
-// A bound, listening AF_UNIX stream socket at `path` (unlinks a stale socket file first).
-// Returns the fd, or -errno.
-int ListenUnix(const std::string& path, int backlog);
-
-// Waits up to timeout_ms (or until cancel_fd is readable) for one connection; returns the
-// client fd or -errno (-ETIMEDOUT, -ECANCELED).
-int AcceptClient(int listen_fd, int cancel_fd, int timeout_ms);
-
 struct LazyMessage {
   enum Kind { kTask, kZombie, kFinished, kClosed } kind = kClosed;
   int pid = 0;
@@ -48,10 +42,6 @@ struct LazyMessage {
 // Reads one message of CRIU's lazy-pages protocol. Returns 0 or -errno (-ETIMEDOUT, -ECANCELED,
 // -EPROTO for a malformed message).
 int ReceiveMessage(int client_fd, int cancel_fd, int timeout_ms, LazyMessage* out);
-
-// An eventfd used to cancel blocking calls; SignalCancel makes it readable for good.
-int CreateCancelFd();
-int SignalCancel(int fd);
 
 // XXH64 (seed 0) of a whole file as 16 lowercase hex chars.
 int HashFileXxh64(const std::string& path, int cancel_fd, std::string* hex, uint64_t* bytes, Failure* failure);

@@ -9,28 +9,11 @@
 #include <string>
 #include <utility>
 
+#include "napi_errors.h"
 #include "uffd.h"
 
 namespace thaw::uffd {
 namespace {
-
-Napi::Error MakeError(Napi::Env env, const std::string& op, int err, const std::string& message) {
-  Napi::Error e = Napi::Error::New(env, message);
-  e.Value().Set("op", Napi::String::New(env, op));
-  e.Value().Set("errno", Napi::Number::New(env, err));
-  return e;
-}
-
-Napi::Error ErrnoError(Napi::Env env, const std::string& op, int err) {
-  return MakeError(env, op, err, op + " failed: " + strerror(err));
-}
-
-int IntArg(const Napi::CallbackInfo& info, size_t i, const char* name) {
-  if (info.Length() <= i || !info[i].IsNumber()) {
-    throw Napi::TypeError::New(info.Env(), std::string(name) + " must be a number");
-  }
-  return info[i].As<Napi::Number>().Int32Value();
-}
 
 // A promise-returning worker: Work() returns 0 or -errno.
 class PromiseWorker : public Napi::AsyncWorker {
@@ -120,7 +103,7 @@ class HashWorker : public PromiseWorker {
     return o;
   }
   void OnError(const Napi::Error& e) override {
-    PromiseWorker::OnError(MakeError(Env(), failure_.op, failure_.err, e.Message()));
+    PromiseWorker::OnError(OpError(Env(), failure_.op, failure_.err, e.Message()));
   }
 
  private:

@@ -5,80 +5,36 @@
 #include <napi.h>
 
 #include <fcntl.h>
-#include <poll.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <termios.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <string>
 
+#include "../../src/napi_errors.h"
 #include "../../src/unique_fd.h"
+#include "../../src/unix_socket.h"
 
 namespace {
 
 using OwnedFd = thaw::UniqueFd;
-
-double NowMs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
-// 1 when fd is readable, or -ETIMEDOUT / -ECANCELED (cancel_fd readable) / -errno. timeout_ms < 0: none.
-int WaitReadable(int fd, int cancel_fd, int timeout_ms, double deadline) {
-  pollfd fds[2] = {{fd, POLLIN, 0}, {cancel_fd, POLLIN, 0}};
-  nfds_t n = cancel_fd >= 0 ? 2 : 1;
-  for (;;) {
-    int left = timeout_ms < 0 ? -1 : std::max(0, static_cast<int>(deadline - NowMs()));
-    int rc = poll(fds, n, left);
-    if (rc < 0) {
-      if (errno == EINTR) continue;
-      return -errno;
-    }
-    if (n == 2 && (fds[1].revents & POLLIN)) return -ECANCELED;
-    if (fds[0].revents) return 1;
-    if (rc == 0) return -ETIMEDOUT;
-  }
-}
-
-// Listening socket at path (a stale socket file there is replaced). Returns the fd or -errno.
-int ListenUnix(const std::string& path) {
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (path.empty() || path.size() >= sizeof(addr.sun_path)) return -ENAMETOOLONG;
-  memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  OwnedFd fd(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (fd.get() < 0) return -errno;
-  struct stat st;
-  if (lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path.c_str());
-  if (bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0) return -errno;
-  if (listen(fd.get(), 1) < 0) {
-    int err = errno;
-    unlink(path.c_str());
-    return -err;
-  }
-  return fd.Release();
-}
+using thaw::ErrnoError;
+using thaw::IntArg;
 
 // Accepts one connection and reads until one fd arrives (the payload bytes — runc sends the pty's
 // name — are ignored). Returns the received fd (close-on-exec) or -errno; -EPROTO when the peer
 // closes without sending one.
 int ReceiveOneFd(int listen_fd, int cancel_fd, int timeout_ms) {
-  const double deadline = NowMs() + timeout_ms;
-  int rc = WaitReadable(listen_fd, cancel_fd, timeout_ms, deadline);
-  if (rc < 0) return rc;
-  OwnedFd conn(accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC));
-  if (conn.get() < 0) return -errno;
+  const double deadline = thaw::NowMs() + timeout_ms;
+  OwnedFd conn(thaw::AcceptClient(listen_fd, cancel_fd, timeout_ms));
+  if (conn.get() < 0) return conn.Release();
   for (;;) {
-    rc = WaitReadable(conn.get(), cancel_fd, timeout_ms, deadline);
+    int left = timeout_ms < 0 ? -1 : std::max(0, static_cast<int>(deadline - thaw::NowMs()));
+    int rc = thaw::WaitReadable(conn.get(), cancel_fd, left);
     if (rc < 0) return rc;
     char data[4096];
     iovec iov{data, sizeof data};
@@ -110,20 +66,6 @@ int ReceiveOneFd(int listen_fd, int cancel_fd, int timeout_ms) {
   }
 }
 
-Napi::Error ErrnoError(Napi::Env env, const std::string& op, int err) {
-  Napi::Error e = Napi::Error::New(env, op + " failed: " + strerror(err));
-  e.Value().Set("op", Napi::String::New(env, op));
-  e.Value().Set("errno", Napi::Number::New(env, err));
-  return e;
-}
-
-int IntArg(const Napi::CallbackInfo& info, size_t i, const char* name) {
-  if (info.Length() <= i || !info[i].IsNumber()) {
-    throw Napi::TypeError::New(info.Env(), std::string(name) + " must be a number");
-  }
-  return info[i].As<Napi::Number>().Int32Value();
-}
-
 class ReceiveWorker : public Napi::AsyncWorker {
  public:
   ReceiveWorker(Napi::Env env, int listen_fd, int cancel_fd, int timeout_ms)
@@ -150,7 +92,7 @@ class ReceiveWorker : public Napi::AsyncWorker {
 // listen(path) → fd
 Napi::Value Listen(const Napi::CallbackInfo& info) {
   if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(info.Env(), "path must be a string");
-  int fd = ListenUnix(info[0].As<Napi::String>().Utf8Value());
+  int fd = thaw::ListenUnix(info[0].As<Napi::String>().Utf8Value(), 1);
   if (fd < 0) throw ErrnoError(info.Env(), "listen", -fd);
   return Napi::Number::New(info.Env(), fd);
 }
@@ -194,14 +136,14 @@ Napi::Value SetNonBlocking(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value CreateCancel(const Napi::CallbackInfo& info) {
-  int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (fd < 0) throw ErrnoError(info.Env(), "eventfd", errno);
+  int fd = thaw::CreateCancelFd();
+  if (fd < 0) throw ErrnoError(info.Env(), "eventfd", -fd);
   return Napi::Number::New(info.Env(), fd);
 }
 
 Napi::Value Cancel(const Napi::CallbackInfo& info) {
-  uint64_t one = 1;
-  if (write(IntArg(info, 0, "fd"), &one, sizeof one) < 0 && errno != EAGAIN) throw ErrnoError(info.Env(), "cancel", errno);
+  int rc = thaw::SignalCancel(IntArg(info, 0, "fd"));
+  if (rc < 0 && rc != -EAGAIN) throw ErrnoError(info.Env(), "cancel", -rc);
   return info.Env().Undefined();
 }
 
