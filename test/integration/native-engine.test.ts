@@ -1,20 +1,19 @@
 import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmdirSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmdirSync, statSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
 import t, { type Test } from 'tap';
 import { runtimeIdFor } from '../../src/engine/container-id.js';
 import { NativeEngine, type RelayRecord } from '../../src/engine/native.js';
 import { procStat } from '../../src/procfs.js';
+import { cgroupDirsOf as cgroupDirs, closeQuietly, lines, relaysAlive, verify, waitFor } from '../helpers/native-app.js';
 import { RuncError } from '../../src/errors.js';
 import { criuCheck } from '../../src/runc/criu.js';
 import { Runc } from '../../src/runc/runc.js';
 import { buildDemoApp, demoBundle, type DemoAppArgs } from '../helpers/demo-app.js';
-import { until } from '../helpers/wait.js';
 
 /**
  * The real runc 1.1.5 + CRIU 4.1.1 (private prefix) under NativeEngine: a 256 MiB patterned app
@@ -104,23 +103,6 @@ async function nativeWorld(t: Test, opts: { pidReleaseTimeoutMs?: number } = {})
   };
 }
 
-function closeQuietly(fd: number): void {
-  try {
-    closeSync(fd);
-  } catch {
-    // closed
-  }
-}
-
-function lines(path: string): string[] {
-  return readFileSync(path, 'utf8')
-    .split('\n')
-    .filter((l) => l !== '');
-}
-
-/** test/helpers/wait.ts's `until`, with this file's defaults (60 s, every 50 ms). */
-const waitFor = <T>(what: string, fn: () => T | undefined, timeoutMs = 60_000): Promise<T> => until(what, fn, timeoutMs, 50);
-
 /** The `n` of the last TICK line. */
 function lastTick(path: string): number {
   const ticks = lines(path).filter((l) => l.startsWith('TICK '));
@@ -130,30 +112,6 @@ function lastTick(path: string): number {
 
 function ticksAfter(path: string, n: number): () => true | undefined {
   return () => (lastTick(path) > n ? true : undefined);
-}
-
-/** Sends SIGUSR1 and waits for the app's verdict on its memory. */
-async function verify(pid: number, path: string): Promise<string> {
-  const before = lines(path).length;
-  process.kill(pid, 'SIGUSR1');
-  return waitFor('VERIFY line', () => lines(path).slice(before).find((l) => l.startsWith('VERIFY ')));
-}
-
-/** Cgroup directories named after `rid` anywhere under /sys/fs/cgroup (v1 controllers and v2). */
-function cgroupDirs(rid: string): string[] {
-  const found: string[] = [];
-  const base = '/sys/fs/cgroup';
-  const candidates = [join(base, 'thaw', rid)];
-  for (const c of readdirSync(base)) candidates.push(join(base, c, 'thaw', rid));
-  for (const p of candidates) if (existsSync(p)) found.push(p);
-  return found;
-}
-
-function relaysAlive(relays: readonly RelayRecord[]): RelayRecord[] {
-  return relays.filter((r) => {
-    const st = procStat(r.pid);
-    return st !== null && st.state !== 'Z' && st.startTime === r.startTime;
-  });
 }
 
 async function assertNothingLeft(t: Test, w: World, ids: readonly string[], relays: readonly RelayRecord[]): Promise<void> {

@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
 import { cp, mkdtemp, open, readdir, rm, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -11,13 +11,13 @@ import t, { type Test } from 'tap';
 import { runtimeIdFor } from '../../src/engine/container-id.js';
 import { NativeEngine, type NativeEngineOptions, type NativeLazyPagesTuning, type RelayRecord } from '../../src/engine/native.js';
 import { procStat } from '../../src/procfs.js';
+import { cgroupDirsOf as cgroupDirs, closeQuietly, lines, relaysAlive, verify as verifyApp, waitFor } from '../helpers/native-app.js';
 import { loadUffdAddon } from '../../src/restore/pages-native.js';
 import { startLazyRestore, type ImageChecksum } from '../../src/restore/pages.js';
 import { criuCheck, criuCheckFeature } from '../../src/runc/criu.js';
 import { WasmXxh64Hasher } from '../../src/snapshot/hash.js';
 import { buildDemoApp, demoBundle } from '../helpers/demo-app.js';
 import { REPO, cliEnv, ensureBuilt } from '../helpers/thaw-cli.js';
-import { until } from '../helpers/wait.js';
 
 /**
  * The native engine's parallel anonymous-memory restore with the real runc 1.1.5 + CRIU 4.1.1
@@ -169,42 +169,8 @@ async function checksumsOf(image: string): Promise<Map<string, ImageChecksum>> {
   return out;
 }
 
-function closeQuietly(fd: number): void {
-  try {
-    closeSync(fd);
-  } catch {
-    // closed
-  }
-}
-
-function lines(path: string): string[] {
-  return readFileSync(path, 'utf8')
-    .split('\n')
-    .filter((l) => l !== '');
-}
-
-/** test/helpers/wait.ts's `until`, with this file's defaults (60 s, every 50 ms). */
-const waitFor = <T>(what: string, fn: () => T | undefined, timeoutMs = 60_000): Promise<T> => until(what, fn, timeoutMs, 50);
-
-/** Sends SIGUSR1 and waits for the app's verdict on its memory. */
-async function verify(pid: number, path: string): Promise<string> {
-  const before = lines(path).length;
-  process.kill(pid, 'SIGUSR1');
-  return waitFor('VERIFY line', () => lines(path).slice(before).find((l) => l.startsWith('VERIFY ')), 120_000);
-}
-
-function relaysAlive(relays: readonly RelayRecord[]): RelayRecord[] {
-  return relays.filter((r) => {
-    const st = procStat(r.pid);
-    return st !== null && st.state !== 'Z' && st.startTime === r.startTime;
-  });
-}
-
-/** Cgroup directories named after `rid` anywhere under /sys/fs/cgroup (v1 controllers and v2). */
-function cgroupDirs(rid: string): string[] {
-  const base = '/sys/fs/cgroup';
-  return [join(base, 'thaw', rid), ...readdirSync(base).map((c) => join(base, c, 'thaw', rid))].filter((p) => existsSync(p));
-}
+/** The app's memory check, with room for a multi-GiB image. */
+const verify = (pid: number, path: string): Promise<string> => verifyApp(pid, path, 120_000);
 
 /** Pids in the container's cgroups (every hierarchy). */
 function cgroupProcs(rid: string): number[] {
