@@ -224,11 +224,13 @@ export class Runsc {
    * duplicate `runsc create` deletes the existing container's state files and orphans its sandbox
    * (seen with 20240729; upstream's create has the same clean-up path).
    */
-  async create(id: string, opts: CreateOptions): Promise<void> {
+  /** With `pidFile`, returns the sandbox's pid from it (what `runsc state` reports, without a runsc call). */
+  async create(id: string, opts: CreateOptions): Promise<number | undefined> {
     if (await this.#hasStateFile(safeId(id))) {
       throw new ShimError('AlreadyExists', `runsc container ${id} already exists under ${this.#g.root}`);
     }
     await this.#adopting(() => this.#run({ verb: 'create', id, argv: createArgs(safeId(id), opts), call: opts, stdio: opts.stdio }));
+    return opts.pidFile === undefined ? undefined : readPidFile(opts.pidFile, 'create');
   }
 
   async start(id: string, call: RunscCallOptions = {}): Promise<void> {

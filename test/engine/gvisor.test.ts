@@ -60,6 +60,8 @@ function world(t: Test, reaper: ChildReaper | null, o: { root?: boolean } = {}) 
   put('state.stdout', JSON.stringify({ ociVersion: '1.0.2', id: 'x', status: 'running', pid: SANDBOX_PID, bundle }));
   put('wait.stdout', JSON.stringify({ id: 'x', exitStatus: 5 }));
   mkdirSync(join(runscDir, 'exec.files'));
+  mkdirSync(join(runscDir, 'create.files'));
+  put('create.files/pid-file', String(SANDBOX_PID)); // what runsc writes: the sandbox's pid
   put('exec.files/pid-file', String(WAITER_PID));
   put('exec.files/internal-pid-file', '3');
   const config = resolveConfig({ stateDir: join(dir, 'state'), runsc: { path: FAKE_RUNSC } });
@@ -96,10 +98,13 @@ t.test('a root container: the exit is the reaped sandbox status, and runsc wait 
   t.same(w.calls('wait'), [], 'no runsc wait');
 });
 
-t.test('start reports the sandbox pid known from create, without asking runsc state again', async (t) => {
+t.test('create and start report the sandbox pid from runsc create --pid-file, without runsc state', async (t) => {
   const f = fakeReaper([SANDBOX_PID]);
   const w = world(t, f.reaper);
-  await w.engine.create({ id: 'c1', bundle: w.bundle, stdio: ['ignore', 'ignore', 'ignore'] });
+  t.same(await w.engine.create({ id: 'c1', bundle: w.bundle, stdio: ['ignore', 'ignore', 'ignore'] }), { id: 'c1', status: 'created', pid: SANDBOX_PID });
+  const [createArgv] = w.calls('create');
+  t.ok(createArgv?.some((a) => a.startsWith('--pid-file=')), 'create is asked for a pid file');
+  t.same(w.calls('state'), [], 'no runsc state after create');
   w.markRoot();
   // Once the app exited and its sandbox was reaped, runsc state could only say -1.
   writeFileSync(join(process.env.FAKE_RUNSC_DIR!, 'state.stdout'), JSON.stringify({ ociVersion: '1.0.2', id: 'x', status: 'stopped', pid: -1, bundle: w.bundle }));
