@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { Cleanup } from '../cleanup.js';
 import { loadConfig, type ThawConfig } from '../config/config.js';
 import { ShimError, isShimError } from '../errors.js';
+import { PhaseTimer } from '../log/logger.js';
 import { openRuntime, type Runtime } from '../engine/runtime.js';
 import {
   TaskCheckpointedSchema,
@@ -103,13 +104,16 @@ export class TaskService {
         if (this.#containers.has(req.id)) throw new ShimError('AlreadyExists', `container ${req.id} already exists`);
         const log = this.ctx.log.child({ id: req.id });
         await using cleanup = new Cleanup((f) => log.warn({ err: f.err, step: f.name }, 'undo failed'));
-        const rootfsTarget = await mountRootfs(req.bundle, req.rootfs);
+        const timer = new PhaseTimer(log);
+        const rootfsTarget = await timer.phase('mount-rootfs', () => mountRootfs(req.bundle, req.rootfs));
         if (rootfsTarget) cleanup.add('unmount rootfs', () => unmountRootfs(rootfsTarget));
         const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal };
-        const io = stdio.terminal ? await TerminalIo.open(stdio, { log }) : await OpenStdio.open(stdio);
+        const io = await timer.phase<OpenStdio | TerminalIo>('open-stdio', () => (stdio.terminal ? TerminalIo.open(stdio, { log }) : OpenStdio.open(stdio)));
         cleanup.add('close stdio', () => io.close());
         // Before plan: it adds the /run/thaw mount to config.json, which the key and runsc then see.
-        const trigger = await prepareTrigger({ bundle: req.bundle, id: req.id, namespace: this.ctx.namespace, config: this.rt.config, log });
+        const trigger = await timer.phase('prepare-trigger', () =>
+          prepareTrigger({ bundle: req.bundle, id: req.id, namespace: this.ctx.namespace, config: this.rt.config, log }),
+        );
         if (trigger) cleanup.add('remove control dir', () => trigger.dispose());
         const lifecycle = this.rt.lifecycle;
         const plan = await lifecycle.plan({
