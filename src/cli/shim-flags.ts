@@ -24,7 +24,8 @@ export interface ShimFlags {
   info: boolean;
 }
 
-export const SHIM_VERBS = ['start', 'delete', 'serve'] as const;
+/** `spare`: a server booted ahead of time for the next `start` (src/shim/spare.ts). */
+export const SHIM_VERBS = ['start', 'delete', 'serve', 'spare'] as const;
 export type ShimVerb = (typeof SHIM_VERBS)[number];
 
 export interface ShimArgs {

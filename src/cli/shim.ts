@@ -2,6 +2,11 @@
  * containerd-shim-thaw-v2: parses Go-style flags and runs one verb, importing only its module —
  * containerd execs `start` and `delete` as short-lived processes.
  */
+import { readdirSync } from 'node:fs';
+import { setPriority } from 'node:os';
+import type { Logger } from '../log/logger.js';
+import type { ServeFlags, StartPlan } from '../shim/manager.js';
+import type { ShimServer } from '../shim/serve.js';
 import { isShimVerb, parseShimArgs, SHIM_USAGE, type ShimArgs, type ShimFlags } from './shim-flags.js';
 
 const BINARY = 'containerd-shim-thaw-v2';
@@ -34,6 +39,7 @@ async function main(argv: readonly string[]): Promise<number> {
     }
     if (verb === 'start') return await runStart(flags);
     if (verb === 'delete') return await runDelete(flags);
+    if (verb === 'spare') return await runSpare();
     return await runServe(flags);
   } catch (err) {
     // For start this text is containerd's error message ("start failed: <output>").
@@ -78,36 +84,155 @@ async function runDelete(flags: ShimFlags): Promise<number> {
 }
 
 async function runServe(flags: ShimFlags): Promise<never> {
-  const { serve } = await import('../shim/serve.js');
   const { READY_FD_ENV, RUNTIME_OPTIONS_ENV } = await import('../shim/manager.js');
-  const { createLogger } = await import('../log/logger.js');
-  const { createLazyTaskService } = await import('../task/lazy-service.js');
   const readyFd = Number.parseInt(process.env[READY_FD_ENV] ?? '', 10);
   const runtimeOptions = process.env[RUNTIME_OPTIONS_ENV];
   delete process.env[READY_FD_ENV]; // not for runsc and other children
   delete process.env[RUNTIME_OPTIONS_ENV];
   // stdout/stderr are the bundle's log FIFO (or /dev/null), as `start` set them up.
+  const shim = await serveShim(flags, {
+    logFd: 2,
+    readyFd: Number.isInteger(readyFd) ? readyFd : undefined,
+    runtimeOptions: runtimeOptions ? Buffer.from(runtimeOptions, 'base64') : undefined,
+  });
+  await shim.done;
+  process.exit(shim.shutdown.failures.length === 0 ? 0 : 1);
+}
+
+/** A shim server on the socket of `flags`, with the Task service; shared by `serve` and a claimed spare. */
+async function serveShim(
+  flags: ServeFlags,
+  opts: { logFd: number; readyFd?: number; runtimeOptions?: Uint8Array },
+): Promise<ShimServer> {
+  const [{ serve }, { createLogger }, { createLazyTaskService }, { enableChildReaper }] = await Promise.all([
+    import('../shim/serve.js'),
+    import('../log/logger.js'),
+    import('../task/lazy-service.js'),
+    import('../runsc/reaper.js'),
+  ]);
   // `shim`, not `id`: a group's server serves several tasks, and each line about one carries its `id`.
-  const log = createLogger({ destination: 2, level: flags.debug ? 'debug' : 'info', name: BINARY }).child({
+  const log = createLogger({ destination: opts.logFd, level: flags.debug ? 'debug' : 'info', name: BINARY }).child({
     ns: flags.namespace,
     shim: flags.id,
   });
   // Before any runsc: sandboxes become this server's children, so exits are reaped, not polled.
-  const { enableChildReaper } = await import('../runsc/reaper.js');
   enableChildReaper({ log });
-  const shim = await serve(
+  return serve(
     {
       flags,
       bundle: process.cwd(),
       log,
-      readyFd: Number.isInteger(readyFd) ? readyFd : undefined,
-      runtimeOptions: runtimeOptions ? Buffer.from(runtimeOptions, 'base64') : undefined,
+      readyFd: opts.readyFd,
+      runtimeOptions: opts.runtimeOptions,
       handleSignals: true,
+      requestSpare: () => void bootSpare(log),
     },
     { createTaskService: createLazyTaskService },
   );
-  await shim.done;
-  process.exit(shim.shutdown.failures.length === 0 ? 0 : 1);
+}
+
+/** Boots a spare for the next container unless one waits or boots already (src/shim/spare.ts). */
+async function bootSpare(log: Logger): Promise<void> {
+  try {
+    const [{ ensureSpare, spareRegistry, binDirOf }, { defaultServeCommand }] = await Promise.all([
+      import('../shim/spare.js'),
+      import('../shim/manager.js'),
+    ]);
+    const command = defaultServeCommand();
+    await ensureSpare({ registry: spareRegistry(binDirOf(command.args.at(-1)!)), command, log });
+  } catch (err) {
+    log.warn({ err }, 'no spare shim server: the next container starts one');
+  }
+}
+
+/**
+ * `spare`: boot now, then wait in the registry until a `start` claims this process; then do what
+ * that `start` and the `serve` it would have launched do, here (src/shim/spare.ts).
+ */
+async function runSpare(): Promise<never> {
+  const spare = await import('../shim/spare.js');
+  const manager = await import('../shim/manager.js');
+  // What `start` and `serve` need before listening, loaded before registering; the Task service
+  // after it, as `serve` does once it listens (a claim in between waits for it in Create, as there).
+  await Promise.all([import('../shim/serve.js'), import('../log/logger.js'), import('../task/lazy-service.js'), import('../runsc/reaper.js')]);
+  (await import('../runsc/reaper-native.js')).loadReaperAddon(); // dlopen now; enableChildReaper then finds it loaded
+  const binDir = spare.binDirOf(process.argv[1]!);
+  const stamp = spare.codeStampOf(binDir);
+  const slot = await spare.SpareSlot.register(spare.spareRegistry(binDir));
+  if (slot === undefined) process.exit(0); // another spare waits already
+  void import('../task/service.js').catch(() => undefined);
+  // A spare of code that was rebuilt or removed (a test build) leaves instead of waiting forever.
+  const watchdog = setInterval(() => {
+    if (spare.codeStampOf(binDir) !== stamp) void slot.retire().then((gone) => gone && process.exit(0), () => process.exit(1));
+  }, SPARE_CODE_CHECK_MS);
+  for (;;) {
+    const claim = await slot.waitForClaim().catch(() => undefined); // a broken claim: `start` goes on without us
+    if (claim === undefined) process.exit(0);
+    if (spare.codeStampOf(binDir) !== stamp) {
+      await claim.answer('declined', '');
+      process.exit(0);
+    }
+    clearInterval(watchdog);
+    const { request } = claim;
+    let args: ShimArgs;
+    try {
+      args = parseShimArgs(request.argv);
+      if (args.verb !== 'start') throw new Error(`a spare serves only start, not ${JSON.stringify(args.verb ?? '')}`);
+    } catch {
+      await claim.answer('declined', '');
+      process.exit(0);
+    }
+    spare.adoptEnvironment(request.env);
+    process.chdir(request.cwd);
+    resetPriority();
+    let plan: StartPlan;
+    try {
+      plan = await manager.planStart({ flags: args.flags, stdin: request.stdin, bundle: request.cwd });
+    } catch (err) {
+      await claim.answer('error', `${BINARY}: ${errorText(err)}\n`);
+      process.exit(1);
+    }
+    if (plan.running) {
+      // The container joins its group's server; this process stays a spare.
+      await manager.writeStartFiles(request.cwd, plan.address, undefined);
+      await claim.answer('ok', plan.reply);
+      await slot.reregister();
+      continue;
+    }
+    if (plan.ttrpcAddress) process.env.TTRPC_ADDRESS = plan.ttrpcAddress;
+    const logFd = manager.openShimLog(request.cwd);
+    let shim: ShimServer;
+    try {
+      shim = await serveShim(plan.serveFlags, { logFd: logFd ?? 2, runtimeOptions: plan.runtimeOptions });
+      await manager.writeStartFiles(request.cwd, plan.address, process.pid);
+    } catch (err) {
+      await claim.answer('error', `${BINARY}: ${errorText(err)}\n`);
+      process.exit(1);
+    }
+    await claim.answer('ok', plan.reply);
+    await shim.done;
+    process.exit(shim.shutdown.failures.length === 0 ? 0 : 1);
+  }
+}
+
+/** How often a waiting spare checks that its code is still what it booted. */
+const SPARE_CODE_CHECK_MS = 30_000;
+
+/** A spare boots at nice 19 (ensureSpare); claimed, each of its threads takes normal priority back. */
+function resetPriority(): void {
+  let threads: string[];
+  try {
+    threads = readdirSync('/proc/self/task');
+  } catch {
+    threads = [String(process.pid)];
+  }
+  for (const tid of threads) {
+    try {
+      setPriority(Number(tid), 0);
+    } catch {
+      // not permitted (an unprivileged containerd): the server runs niced
+    }
+  }
 }
 
 async function readStdin(): Promise<Uint8Array> {

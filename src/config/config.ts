@@ -82,6 +82,14 @@ export interface ThawConfig {
   log: {
     level: LogLevel;
   };
+  shim: {
+    /**
+     * Keep one spare server booted for the next container's `start` (src/shim/spare.ts): a
+     * container then pays no Node start-up in `start` or `serve`, at the price of one idle Node
+     * process (~45 MB) per install.
+     */
+    spare: boolean;
+  };
 }
 
 export const defaultConfig: ThawConfig = Object.freeze({
@@ -98,6 +106,7 @@ export const defaultConfig: ThawConfig = Object.freeze({
   restore: { stage: true, ioBackend: 'auto', verify: true, lazyPages: 'auto' },
   gpu: { mode: 'auto', cudaCheckpointPath: null, lockTimeoutMs: 10_000 },
   log: { level: 'info' },
+  shim: { spare: true },
 }) as ThawConfig;
 
 /** Default location of the shim config; runtime options' `config_path` overrides it. */

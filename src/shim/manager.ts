@@ -46,7 +46,8 @@ export const SERVE_NODE_FLAGS: readonly string[] = ['--max-semi-space-size=1', '
 export function defaultServeCommand(): ServeCommand {
   const script = process.argv[1];
   if (script === undefined) throw new ShimError('Internal', 'cannot locate the shim script to exec serve');
-  return { file: process.execPath, args: [...process.execArgv, ...SERVE_NODE_FLAGS, script] };
+  // A server booting a spare already runs with these flags.
+  return { file: process.execPath, args: [...new Set([...process.execArgv, ...SERVE_NODE_FLAGS]), script] };
 }
 
 export interface StartOptions {
@@ -73,13 +74,26 @@ export interface StartResult {
   readonly reply: Uint8Array;
 }
 
-/**
- * `start`: find or launch the server for this container's group and return its address.
- * containerd reads everything on stdout+stderr as the reply and waits for the pipe to close,
- * so the server is detached (own session) and gets the log FIFO or /dev/null as its stdio.
- */
-export async function start(opts: StartOptions): Promise<StartResult> {
-  const { flags, bundle, log = silentLogger } = opts;
+/** What `start` decided before launching anything; a claimed spare acts on the same plan. */
+export interface StartPlan {
+  readonly address: string;
+  /** What to print on stdout: the address, or a BootstrapResult for containerd 2.3+. */
+  readonly reply: Uint8Array;
+  /** A server of the container's group already answers at the address. */
+  readonly running: boolean;
+  /** The flags of the `serve` that is to listen at the address. */
+  readonly serveFlags: ServeFlags;
+  /** Legacy runtime options left undecoded for `serve` (see mayBeBootstrap). */
+  readonly runtimeOptions: Uint8Array | undefined;
+  /** containerd 2.3+'s ttrpc address, which replaces TTRPC_ADDRESS. */
+  readonly ttrpcAddress: string | undefined;
+}
+
+export type ServeFlags = Pick<ShimFlags, 'namespace' | 'id' | 'address' | 'publishBinary' | 'socket' | 'configPath' | 'debug'>;
+
+/** Decides where this container's server listens and whether one already does there. */
+export async function planStart(opts: Pick<StartOptions, 'flags' | 'stdin' | 'bundle' | 'socketDir'>): Promise<StartPlan> {
+  const { flags, bundle } = opts;
   requireFlag(flags.namespace, 'namespace');
   requireFlag(flags.id, 'id');
   // Legacy runtime options go to serve undecoded: serve loads protobuf anyway, start would only for this.
@@ -98,34 +112,71 @@ export async function start(opts: StartOptions): Promise<StartResult> {
     socketDir: opts.socketDir ?? params?.socketDir ?? DEFAULT_SOCKET_DIR,
   });
   const reply = await startReply(input, address);
-  const logged = log.child({ id: flags.id });
+  const running = await canConnect(address);
+  if (!running) await removeSocket(address); // stale socket of a dead server
+  return {
+    address,
+    reply,
+    running,
+    serveFlags: {
+      namespace: flags.namespace,
+      id: flags.id,
+      address: grpcAddress,
+      publishBinary: params?.containerdBinary || flags.publishBinary,
+      socket: socketPathOf(address),
+      configPath: input.options.configPath,
+      debug: flags.debug || (params !== undefined && isDebugLevel(params.logLevel)),
+    },
+    runtimeOptions: undecoded,
+    ttrpcAddress: params?.containerdTtrpcAddress || undefined,
+  };
+}
 
-  if (await canConnect(address)) {
+/** `serve`'s argv for the flags of a plan. */
+export function serveArgs(flags: ServeFlags): string[] {
+  return [
+    '-namespace', flags.namespace,
+    '-id', flags.id,
+    '-address', flags.address,
+    '-publish-binary', flags.publishBinary,
+    '-socket', flags.socket,
+    ...(flags.configPath ? ['-config-path', flags.configPath] : []),
+    ...(flags.debug ? ['-debug'] : []),
+    'serve',
+  ];
+}
+
+/** The bundle files `start` leaves for containerd: the address, and the server's pid when it launched one. */
+export async function writeStartFiles(bundle: string, address: string, pid: number | undefined): Promise<void> {
+  await Promise.all([
+    writeAtomic(path.join(bundle, BUNDLE_FILES.address), address),
+    pid === undefined ? undefined : writeAtomic(path.join(bundle, BUNDLE_FILES.shimPid), String(pid)),
+  ]);
+}
+
+/**
+ * `start`: find or launch the server for this container's group and return its address.
+ * containerd reads everything on stdout+stderr as the reply and waits for the pipe to close,
+ * so the server is detached (own session) and gets the log FIFO or /dev/null as its stdio.
+ */
+export async function start(opts: StartOptions): Promise<StartResult> {
+  const { bundle, log = silentLogger } = opts;
+  const plan = await planStart(opts);
+  const { address, reply } = plan;
+  const logged = log.child({ id: opts.flags.id });
+  if (plan.running) {
     logged.info({ address }, 'reusing the running shim of this group');
-    await writeAtomic(path.join(bundle, BUNDLE_FILES.address), address);
+    await writeStartFiles(bundle, address, undefined);
     return { address, pid: undefined, reply };
   }
-  await removeSocket(address); // stale socket of a dead server
 
   const env = opts.env ?? process.env;
   const command = opts.serveCommand ?? defaultServeCommand();
-  const args = [
-    ...command.args,
-    '-namespace', flags.namespace,
-    '-id', flags.id,
-    '-address', grpcAddress,
-    '-publish-binary', params?.containerdBinary || flags.publishBinary,
-    '-socket', socketPathOf(address),
-    ...(input.options.configPath ? ['-config-path', input.options.configPath] : []),
-    ...(flags.debug || (params !== undefined && isDebugLevel(params.logLevel)) ? ['-debug'] : []),
-    'serve',
-  ];
   const childEnv: NodeJS.ProcessEnv = { ...env, [READY_FD_ENV]: '3' };
-  if (undecoded) childEnv[RUNTIME_OPTIONS_ENV] = Buffer.from(undecoded).toString('base64');
-  const ttrpcAddress = params?.containerdTtrpcAddress;
-  if (ttrpcAddress) childEnv.TTRPC_ADDRESS = ttrpcAddress;
+  if (plan.runtimeOptions) childEnv[RUNTIME_OPTIONS_ENV] = Buffer.from(plan.runtimeOptions).toString('base64');
+  if (plan.ttrpcAddress) childEnv.TTRPC_ADDRESS = plan.ttrpcAddress;
   const output = opts.serveOutputFd ?? 'ignore';
-  const child = spawn(command.file, args, {
+  const child = spawn(command.file, [...command.args, ...serveArgs(plan.serveFlags)], {
     cwd: bundle,
     env: childEnv,
     detached: true, // setsid: containerd's process group signals must not reach the server
@@ -136,12 +187,11 @@ export async function start(opts: StartOptions): Promise<StartResult> {
   if (outcome === 'exists') {
     // Another start of the same group won the race for the socket.
     logged.info({ address }, 'group server started concurrently; reusing it');
-    await writeAtomic(path.join(bundle, BUNDLE_FILES.address), address);
+    await writeStartFiles(bundle, address, undefined);
     return { address, pid: undefined, reply };
   }
   const pid = child.pid!;
-  await writeAtomic(path.join(bundle, BUNDLE_FILES.address), address);
-  await writeAtomic(path.join(bundle, BUNDLE_FILES.shimPid), String(pid));
+  await writeStartFiles(bundle, address, pid);
   logged.info({ address, shimPid: pid }, 'shim server started');
   return { address, pid, reply };
 }

@@ -35,6 +35,11 @@ export interface TaskServiceContext {
    * runtime) runs while `start` exits and containerd dials, not before `start` can answer.
    */
   readonly listening: Promise<void>;
+  /**
+   * Boot a spare server for the next container (src/shim/spare.ts), if this binary can; the Task
+   * service calls it once loaded, when the config's `shim.spare` is on.
+   */
+  readonly requestSpare?: () => void;
 }
 
 /** A Task service implementation; methods left out answer Unimplemented (12). */
@@ -57,6 +62,8 @@ export interface ServeOptions {
   /** Turn SIGTERM/SIGINT into a shutdown (the CLI does; tests don't). */
   readonly handleSignals?: boolean;
   readonly shutdownTimeoutMs?: number;
+  /** See TaskServiceContext.requestSpare. */
+  readonly requestSpare?: () => void;
 }
 
 export interface ShimServer {
@@ -100,6 +107,7 @@ export async function serve(options: ServeOptions, deps: ServeDeps): Promise<Shi
       shutdown,
       log,
       listening,
+      requestSpare: options.requestSpare,
     });
     const server = new TtrpcServer({ log });
     server.registerService(Task, impl);

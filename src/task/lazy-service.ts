@@ -27,7 +27,14 @@ export const createLazyTaskService: CreateTaskService = async (ctx) => {
     }
     return loading;
   };
-  void ctx.listening.then(() => load().catch(() => undefined));
+  void ctx.listening.then(() =>
+    load().then(
+      // The next container's spare boots now (at nice 19), so that it is ready when that container
+      // comes, also when containers start back to back.
+      () => config.shim.spare && ctx.requestSpare?.(),
+      () => undefined,
+    ),
+  );
 
   const handlers: Record<string, Handler> = {};
   for (const method of Task.methods) {

@@ -71,3 +71,26 @@ t.test('a bad config fails at once (start reports it), before anything loads', a
   await t.rejects(Promise.resolve(lazy(ctx)), /engine/);
   t.equal(loads, 0);
 });
+
+t.test('a spare for the next container is asked for once the service loaded, unless shim.spare is off', async (t) => {
+  for (const [configText, want] of [
+    ['{}', 1],
+    ['{"shim":{"spare":false}}', 0],
+  ] as const) {
+    let release = (): void => undefined;
+    const loaded = new Promise<void>((r) => (release = r));
+    const lazy = await lazyWith(t, async () => {
+      await loaded;
+      return {} as TaskServiceImpl;
+    });
+    const { ctx, listened } = context(t, configText);
+    let asked = 0;
+    await lazy({ ...ctx, requestSpare: () => asked++ });
+    listened();
+    await new Promise((r) => setTimeout(r, 20));
+    t.equal(asked, 0, `${configText}: not before the service loaded`);
+    release();
+    await new Promise((r) => setTimeout(r, 20));
+    t.equal(asked, want, `${configText}: asked ${want} time(s)`);
+  }
+});

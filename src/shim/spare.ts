@@ -1,0 +1,311 @@
+import { execFile, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { constants as fsConstants, realpathSync, statSync } from 'node:fs';
+import { mkdir, open, readdir, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { ShimError } from '../errors.js';
+import { silentLogger, type Logger } from '../log/logger.js';
+
+/**
+ * Spare shim servers. containerd runs `start` for every container and waits for the server it
+ * launches; with two Node boots on that path (`start`, `serve`) thaw's shim took ~2.5× the time of
+ * containerd's runc shim for a short container (docs/bench/shim-overhead.md). A spare is a `serve`
+ * process booted ahead of time — Node, the bundle and the Task service loaded — that the next
+ * `start` hands its container to; bin/containerd-shim-thaw-v2 (sh) does the hand-over, so that
+ * container pays neither boot. The spare then does what `start` and `serve` would have done, in
+ * this process.
+ *
+ * Registry: SPARE_ROOT/<key>/, key = hex sha256 of the real path of bin/ — every install
+ * (and every test build) has its own spares, and a spare only ever serves the code it booted:
+ *   spare.<pid>-<n>/  a spare waiting (n: its n-th registration), with `reply`, a FIFO
+ *   claim.<pid>-<n>/  the same directory after a `start` renamed it (the claim; one rename wins)
+ *   booting           the pid of the spare being booted (at most one boots at a time)
+ * Hand-over: `start` writes argv (NUL-separated), cwd, env (`env -0`) and stdin into the claimed
+ * directory, then opens `reply` for reading. That open is what wakes the spare, which has been
+ * blocked opening it for writing. The spare writes `status` (ok | error | declined), then the
+ * bytes `start` must print on the FIFO, and closes it. On `declined` (or no answer), `start` runs
+ * the TypeScript `start` as before.
+ */
+export const SPARE_ROOT = '/run/thaw/spares';
+
+export type SpareStatus = 'ok' | 'error' | 'declined';
+
+/** What `start` handed over: its argv (flags and verb), working directory, environment and stdin. */
+export interface SpareRequest {
+  readonly argv: string[];
+  readonly cwd: string;
+  readonly env: Record<string, string>;
+  readonly stdin: Uint8Array;
+}
+
+export interface SpareClaim {
+  readonly request: SpareRequest;
+  /** Tells the waiting `start` how it went and what to print; once per claim. */
+  answer(status: SpareStatus, output: Uint8Array | string): Promise<void>;
+}
+
+/** Files of a spare's directory (the sh launcher uses the same names). */
+const FILES = { reply: 'reply', status: 'status', argv: 'argv', cwd: 'cwd', env: 'env', stdin: 'stdin' } as const;
+const BOOTING = 'booting';
+
+/** The real directory of bin/ for a shim script (process.argv[1] of a shim process). */
+export function binDirOf(script: string): string {
+  return realpathSync(path.dirname(script));
+}
+
+/** The registry of the spares of one install; bin/containerd-shim-thaw-v2 computes the same path. */
+export function spareRegistry(binDir: string, root = SPARE_ROOT): string {
+  return path.join(root, createHash('sha256').update(binDir).digest('hex'));
+}
+
+/**
+ * What the code a spare booted is, as bin/launch.mjs chooses it (the bundle or tsc's output, by
+ * mtime): a spare whose code was rebuilt since it booted declines and exits instead of serving
+ * old code.
+ */
+export function codeStampOf(binDir: string): string {
+  const mtime = (rel: string): number => statSync(path.join(binDir, rel), { throwIfNoEntry: false })?.mtimeMs ?? -1;
+  return `${mtime('../dist/bundle/shim.js')}:${mtime('../dist/src/cli/shim.js')}`;
+}
+
+/** One spare's place in the registry, from registration until it is claimed or retires. */
+export class SpareSlot {
+  readonly #registry: string;
+  readonly #log: Logger;
+  #generation = 0;
+  /** Set once retire() took the spare out of the registry; settles when its directory is gone. */
+  #retiring: Promise<void> | undefined;
+
+  private constructor(registry: string, log: Logger) {
+    this.#registry = registry;
+    this.#log = log;
+  }
+
+  /**
+   * Registers this process as a spare; undefined when a live spare already waits (one is enough:
+   * `start`s claim one at a time, and the server a spare becomes asks for the next).
+   */
+  static async register(registry: string, log: Logger = silentLogger): Promise<SpareSlot | undefined> {
+    await mkdir(registry, { recursive: true, mode: 0o700 });
+    if ((await liveSpares(registry)).length > 0) {
+      await clearBootingMarker(registry);
+      return undefined;
+    }
+    const slot = new SpareSlot(registry, log);
+    await slot.#publish();
+    await clearBootingMarker(registry);
+    return slot;
+  }
+
+  get #name(): string {
+    return `${process.pid}-${this.#generation}`;
+  }
+
+  get #waitingDir(): string {
+    return path.join(this.#registry, `spare.${this.#name}`);
+  }
+
+  get #claimDir(): string {
+    return path.join(this.#registry, `claim.${this.#name}`);
+  }
+
+  /** A fresh directory with its FIFO, moved into place in one rename (a `start` never sees it half made). */
+  async #publish(): Promise<void> {
+    this.#generation++;
+    const staging = path.join(this.#registry, `new.${this.#name}`);
+    await rm(staging, { recursive: true, force: true });
+    await rm(this.#claimDir, { recursive: true, force: true }); // an earlier process with this pid
+    await mkdir(staging, { mode: 0o700 });
+    await promisify(execFile)('mkfifo', ['-m', '0600', path.join(staging, FILES.reply)]);
+    await rename(staging, this.#waitingDir);
+  }
+
+  /**
+   * Waits until a `start` claims this spare and returns its request; undefined once retire() took
+   * the spare out of the registry instead.
+   */
+  async waitForClaim(): Promise<SpareClaim | undefined> {
+    const reply = await this.#openReply();
+    if (this.#retiring !== undefined) {
+      await reply.close();
+      await this.#retiring.catch(() => undefined);
+      return undefined;
+    }
+    try {
+      const dir = this.#claimDir;
+      const [argv, cwd, env, stdin] = await Promise.all([
+        readFile(path.join(dir, FILES.argv)),
+        readFile(path.join(dir, FILES.cwd), 'utf8'),
+        readFile(path.join(dir, FILES.env)),
+        readFile(path.join(dir, FILES.stdin)),
+      ]);
+      const request: SpareRequest = { argv: splitNul(argv), cwd, env: parseEnv(splitNul(env)), stdin };
+      return { request, answer: (status, output) => this.#answer(dir, reply, status, output) };
+    } catch (err) {
+      await this.#answer(this.#claimDir, reply, 'declined', '').catch(() => undefined);
+      throw new ShimError('InvalidArgument', `spare claim without a complete request: ${(err as Error).message}`, { cause: err });
+    }
+  }
+
+  /**
+   * Blocks (in a libuv worker thread) until a reader opens the FIFO: the claiming `start`, or
+   * retire() unblocking it. The directory may already be renamed when the open starts.
+   */
+  async #openReply(): Promise<FileHandle> {
+    try {
+      return await open(path.join(this.#waitingDir, FILES.reply), 'w');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      return open(path.join(this.#claimDir, FILES.reply), 'w');
+    }
+  }
+
+  async #answer(dir: string, reply: FileHandle, status: SpareStatus, output: Uint8Array | string): Promise<void> {
+    try {
+      // status first: `start` reads it once the FIFO is closed.
+      await writeSmallFile(path.join(dir, FILES.status), `${status}\n`);
+      await reply.write(typeof output === 'string' ? Buffer.from(output) : output);
+    } finally {
+      await reply.close();
+    }
+  }
+
+  /** After a claim that did not use this process (the container's group already had a server): wait again. */
+  async reregister(): Promise<void> {
+    await this.#publish();
+  }
+
+  /**
+   * Leaves the registry (code rebuilt, bin/ gone). False when a `start` claimed the spare first:
+   * then that claim must be served and waitForClaim() returns it.
+   */
+  async retire(): Promise<boolean> {
+    const retiredDir = path.join(this.#registry, `retired.${this.#name}`);
+    try {
+      await rename(this.#waitingDir, retiredDir);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+      throw err;
+    }
+    this.#retiring = (async () => {
+      // Our own open for writing is blocked until a reader comes: be that reader.
+      const unblock = await open(path.join(retiredDir, FILES.reply), fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+      try {
+        await rm(retiredDir, { recursive: true, force: true });
+      } finally {
+        await unblock.close();
+      }
+    })();
+    await this.#retiring;
+    this.#log.debug({ registry: this.#registry }, 'spare retired');
+    return true;
+  }
+}
+
+export interface EnsureSpareOptions {
+  readonly registry: string;
+  /** node, its flags and the shim script; `spare` is appended. */
+  readonly command: { readonly file: string; readonly args: readonly string[] };
+  readonly log?: Logger;
+}
+
+/**
+ * Boots a spare unless one waits or boots already. It runs at the lowest CPU priority (`nice -n
+ * 19`), so that its boot takes only idle CPU from the containers starting now; the spare takes its
+ * priority back when it is claimed. Returns the new spare's pid, or undefined when none was needed.
+ */
+export async function ensureSpare({ registry, command, log = silentLogger }: EnsureSpareOptions): Promise<number | undefined> {
+  await mkdir(registry, { recursive: true, mode: 0o700 });
+  if ((await liveSpares(registry)).length > 0) return undefined;
+  const marker = path.join(registry, BOOTING);
+  let handle: FileHandle;
+  try {
+    handle = await open(marker, 'wx', 0o600);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    const pid = Number.parseInt(await readFile(marker, 'utf8').catch(() => ''), 10);
+    if (isAlive(pid)) return undefined;
+    await rm(marker, { force: true }); // its spare died while booting
+    return ensureSpare({ registry, command, log });
+  }
+  try {
+    const child = spawn('nice', ['-n', '19', command.file, ...command.args, 'spare'], { cwd: '/', detached: true, stdio: 'ignore' });
+    const pid = await new Promise<number>((resolve, reject) => {
+      child.once('spawn', () => resolve(child.pid!));
+      child.once('error', reject);
+    });
+    child.unref();
+    await handle.writeFile(`${pid}\n`); // a line: the sh launcher reads it with `read`
+    log.debug({ pid, registry }, 'booting a spare shim server');
+    return pid;
+  } catch (err) {
+    await rm(marker, { force: true });
+    throw new ShimError('Unavailable', `boot a spare shim server failed: ${(err as Error).message}`, { cause: err });
+  } finally {
+    await handle.close();
+  }
+}
+
+/** Pids of the spares waiting in a registry (directories of dead processes are removed). */
+export async function liveSpares(registry: string): Promise<number[]> {
+  const names = await readdir(registry).catch(() => [] as string[]);
+  const live: number[] = [];
+  for (const name of names) {
+    const match = /^spare\.(\d+)-\d+$/.exec(name);
+    if (match === null) continue;
+    const pid = Number(match[1]);
+    if (isAlive(pid)) live.push(pid);
+    else await rm(path.join(registry, name), { recursive: true, force: true });
+  }
+  return live;
+}
+
+/**
+ * A claimed spare takes on the environment of the `start` it replaces (containerd's TTRPC_ADDRESS,
+ * GRPC_ADDRESS, NAMESPACE, …): mutated in place, so that the C environment runsc inherits follows.
+ */
+export function adoptEnvironment(env: Readonly<Record<string, string>>): void {
+  for (const key of Object.keys(process.env)) if (!(key in env)) delete process.env[key];
+  Object.assign(process.env, env);
+}
+
+async function clearBootingMarker(registry: string): Promise<void> {
+  const marker = path.join(registry, BOOTING);
+  const pid = Number.parseInt(await readFile(marker, 'utf8').catch(() => ''), 10);
+  if (pid === process.pid || !isAlive(pid)) await rm(marker, { force: true });
+}
+
+async function writeSmallFile(file: string, content: string): Promise<void> {
+  const handle = await open(file, 'w', 0o600);
+  try {
+    await handle.writeFile(content);
+  } finally {
+    await handle.close();
+  }
+}
+
+function splitNul(data: Buffer): string[] {
+  const parts = data.toString('utf8').split('\0');
+  if (parts.at(-1) === '') parts.pop();
+  return parts;
+}
+
+function parseEnv(entries: readonly string[]): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const entry of entries) {
+    const eq = entry.indexOf('=');
+    if (eq > 0) env[entry.slice(0, eq)] = entry.slice(eq + 1);
+  }
+  return env;
+}
+
+function isAlive(pid: number): boolean {
+  if (!Number.isInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

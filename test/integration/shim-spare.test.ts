@@ -1,0 +1,147 @@
+/**
+ * Spare shim servers end to end (src/shim/spare.ts): under a real containerd and runsc, a
+ * container's server boots a spare; the next `ctr run` is served by that spare process (its
+ * shim.pid, at normal priority again), with exit codes, output and `ctr task exec` as usual;
+ * containers started back to back all succeed; a spare whose code was rebuilt declines (the start
+ * goes the Node way) and leaves; with `shim.spare: false` no spare is booted. Each run of this file
+ * uses a private copy of the built shim, so that no other test's containers claim its spares.
+ * Gated by THAW_INTEGRATION=1; needs root, containerd, ctr, runsc and busybox-static.
+ */
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import t, { type Test } from 'tap';
+import { binDirOf, liveSpares, spareRegistry } from '../../src/shim/spare.js';
+import { buildThawBinaries, ContainerdHarness, containerdVersions, integrationSkipReason, SHIM_BINARY, until, type ContainerdVersion } from '../helpers/containerd.js';
+import { buildOciImage, buildRootfs, imageToolsMissing } from '../helpers/oci-image.js';
+
+const IMAGE = 'localhost/thaw-it-spare:1';
+const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+const skip = integrationSkipReason() ?? imageToolsMissing({});
+
+for (const version of containerdVersions()) {
+  t.test(`spare servers under containerd ${version.name}`, { skip: skip ?? version.skip ?? false }, (t) => spares(t, version));
+}
+
+/** bin/ and dist/bundle of the test build, copied; native/ linked (addons are found from the module upwards). */
+async function privateInstall(t: Test): Promise<string> {
+  const built = await buildThawBinaries();
+  const root = mkdtempSync(path.join(tmpdir(), 'thaw-spare-install-'));
+  t.teardown(() => {
+    killSpares(registryOf(path.join(root, 'bin')));
+    rmSync(root, { recursive: true, force: true });
+  });
+  const cp = spawnSync('sh', ['-c', `mkdir -p "$2/dist" && cp -a "$1/bin" "$2/" && cp -a "$1/dist/bundle" "$2/dist/"`, 'sh', path.dirname(built), root]);
+  if (cp.status !== 0) throw new Error(`copying the build failed: ${cp.stderr.toString()}`);
+  symlinkSync(path.join(repo, 'native'), path.join(root, 'native'));
+  return path.join(root, 'bin');
+}
+
+function registryOf(bin: string): string {
+  return spareRegistry(binDirOf(path.join(bin, SHIM_BINARY)));
+}
+
+function killSpares(registry: string): void {
+  for (const name of spawnSync('ls', [registry]).stdout?.toString().split('\n') ?? []) {
+    const m = /^(?:spare|claim)\.(\d+)-\d+$/.exec(name);
+    if (m) {
+      try {
+        process.kill(Number(m[1]), 'SIGKILL');
+      } catch {
+        // gone
+      }
+    }
+  }
+  rmSync(registry, { recursive: true, force: true });
+}
+
+function niceOf(pid: number): number {
+  // Field 19 of /proc/PID/stat; the command name (field 2) may hold spaces, so count from its ')'.
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]);
+}
+
+async function spares(t: Test, version: ContainerdVersion): Promise<void> {
+  const bin = await privateInstall(t);
+  const registry = registryOf(bin);
+  // Without tap's NODE_OPTIONS: its loaders would reach the shim through containerd's environment.
+  const env = { ...version.options.env, NODE_OPTIONS: '' };
+  const h = await ContainerdHarness.start(t.teardown.bind(t), { ...version.options, env, bin, prefix: 'thaw-spare-' });
+  const rootfs = await buildRootfs({ dir: path.join(h.dir, 'rootfs') });
+  const image = await buildOciImage({ workDir: h.dir, rootfs, name: IMAGE, cmd: ['/bin/true'], out: path.join(h.dir, 'image.tar') });
+  await h.importImage(image.tar);
+  const waitingSpare = async (): Promise<number> => {
+    let pid = 0;
+    await until(async () => ((pid = (await liveSpares(registry))[0] ?? 0), pid > 0), 60_000, 'a spare to wait in the registry', 50);
+    return pid;
+  };
+
+  await t.test('shim.spare false: containers run, and no spare is booted', async (t) => {
+    const config = path.join(h.dir, 'no-spare.json');
+    writeFileSync(config, JSON.stringify({ ...JSON.parse(readFileSync(h.thawConfigPath, 'utf8')), shim: { spare: false } }));
+    for (const id of ['it-nospare-1', 'it-nospare-2']) {
+      h.track(id);
+      const r = await h.ctr(['run', '--rm', '--fifo-dir', h.fifoDir, '--runtime', 'io.containerd.thaw.v2', '--runtime-config-path', config, IMAGE, id, '/bin/sh', '-c', 'echo hello; exit 4'], {
+        timeoutMs: 90_000,
+      });
+      t.equal(r.code, 4, r.err);
+      t.match(r.out, /hello/);
+    }
+    await new Promise((r) => setTimeout(r, 1000)); // a spare would have registered by now
+    t.same(await liveSpares(registry), [], 'no spare');
+  });
+
+  await t.test('the next container is served by the spare the previous one booted', async (t) => {
+    const first = await h.runThaw({ id: 'it-spare-1', image: IMAGE, args: ['/bin/sh', '-c', 'echo one; exit 3'] });
+    t.equal(first.code, 3, first.err);
+    t.match(first.out, /one/);
+    const spare = await waitingSpare();
+    t.equal(niceOf(spare), 19, 'the spare waits at nice 19');
+    const log = path.join(h.dir, 'it-spare-2.log');
+    const run = await h.runThaw({ id: 'it-spare-2', image: IMAGE, args: ['/bin/sleep', '600'], logFile: log });
+    t.equal(run.code, 0, run.err);
+    t.equal(h.shimPidOf('it-spare-2'), spare, 'its shim server is the spare process');
+    t.equal(niceOf(spare), 0, 'claimed: normal priority again');
+    const exec = await h.ctr(['tasks', 'exec', '--exec-id', 'e1', 'it-spare-2', '/bin/sh', '-c', 'echo from-exec; exit 5']);
+    t.equal(exec.code, 5, exec.err);
+    t.match(exec.out, /from-exec/);
+    await h.ctr(['tasks', 'kill', '-s', 'SIGKILL', 'it-spare-2']);
+    await h.waitForTaskStatus('it-spare-2', 'STOPPED');
+    t.equal((await h.ctr(['tasks', 'rm', 'it-spare-2'])).code, 0);
+    t.equal((await h.ctr(['containers', 'rm', 'it-spare-2'])).code, 0);
+    await until(() => !isAlive(spare), 30_000, 'the spare-turned-server to exit with its task');
+    t.same(await h.runscSandboxes(), [], 'no sandbox left');
+  });
+
+  await t.test('back to back: every container runs and exits as asked', async (t) => {
+    for (let i = 0; i < 5; i++) {
+      const r = await h.runThaw({ id: `it-spare-b${i}`, image: IMAGE, args: ['/bin/sh', '-c', `echo run-${i}; exit ${i}`] });
+      t.equal(r.code, i, `run ${i}: ${r.err}`);
+      t.match(r.out, new RegExp(`run-${i}`));
+    }
+    t.same(await h.runscSandboxes(), [], 'no sandbox left');
+  });
+
+  await t.test('a spare of rebuilt code declines, leaves, and the container still starts', async (t) => {
+    const stale = await waitingSpare();
+    const bundle = path.join(bin, '..', 'dist', 'bundle', 'shim.js');
+    const later = new Date(Date.now() + 5000);
+    utimesSync(bundle, later, later);
+    const r = await h.runThaw({ id: 'it-spare-stale', image: IMAGE, args: ['/bin/sh', '-c', 'echo fresh; exit 6'] });
+    t.equal(r.code, 6, r.err);
+    t.match(r.out, /fresh/);
+    await until(() => !isAlive(stale), 30_000, 'the stale spare to exit');
+    t.pass('the stale spare exited');
+  });
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}

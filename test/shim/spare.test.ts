@@ -1,0 +1,224 @@
+/**
+ * Spare servers (src/shim/spare.ts) and the hand-over with the real sh launcher
+ * (bin/containerd-shim-thaw-v2): this test process registers as the spare, the launcher's `start`
+ * claims it. The launcher is copied into a temporary bin/ so that its registry is the test's own.
+ */
+import { spawn } from 'node:child_process';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import t, { type Test } from 'tap';
+import { adoptEnvironment, binDirOf, ensureSpare, liveSpares, SpareSlot, spareRegistry, type SpareClaim } from '../../src/shim/spare.js';
+
+const REPO_LAUNCHER = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'bin', 'containerd-shim-thaw-v2');
+const START_FLAGS = ['-namespace', 'ns1', '-address', '/run/containerd/containerd.sock', '-publish-binary', '/usr/bin/containerd', '-id', 'c1'];
+
+interface Install {
+  launcher: string;
+  registry: string;
+  /** A PATH whose `node` is a stub printing `node-was-run` and its stdin: the TypeScript start. */
+  path: string;
+}
+
+function install(t: Test): Install {
+  const root = mkdtempSync(join(tmpdir(), 'thaw-spare-'));
+  const bin = join(root, 'bin');
+  mkdirSync(bin);
+  const launcher = join(bin, 'containerd-shim-thaw-v2');
+  copyFileSync(REPO_LAUNCHER, launcher);
+  const stubs = join(root, 'stubs');
+  mkdirSync(stubs);
+  writeFileSync(join(stubs, 'node'), '#!/bin/sh\necho node-was-run\ncat\n', { mode: 0o755 });
+  const registry = spareRegistry(binDirOf(launcher));
+  t.teardown(() => {
+    rmSync(root, { recursive: true, force: true });
+    rmSync(registry, { recursive: true, force: true });
+  });
+  return { launcher, registry, path: `${stubs}:${process.env.PATH ?? '/usr/bin:/bin'}` };
+}
+
+interface Started {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs the launcher's `start` in `cwd` with `stdin`, as containerd does. */
+function start(inst: Install, o: { cwd: string; stdin?: string; env?: Record<string, string> }): Promise<Started> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(inst.launcher, [...START_FLAGS, 'start'], {
+      cwd: o.cwd,
+      env: { PATH: inst.path, TTRPC_ADDRESS: '/run/containerd/containerd.sock.ttrpc', ...o.env },
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
+    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+    child.stdin.end(o.stdin ?? '');
+  });
+}
+
+function bundleDir(t: Test): string {
+  const dir = mkdtempSync(join(tmpdir(), 'thaw-spare-bundle-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+t.test('a waiting spare gets the start: argv, cwd, env and stdin; its answer is what start prints', async (t) => {
+  const inst = install(t);
+  const slot = await SpareSlot.register(inst.registry);
+  t.ok(slot, 'registered');
+  t.same(await liveSpares(inst.registry), [process.pid], 'listed as waiting');
+  const cwd = bundleDir(t);
+  const claimed = slot!.waitForClaim();
+  const started = start(inst, { cwd, stdin: 'options\0bytes', env: { GRPC_ADDRESS: '/run/containerd/containerd.sock' } });
+  const claim = (await claimed) as SpareClaim;
+  t.same(claim.request.argv, [...START_FLAGS, 'start']);
+  t.equal(claim.request.cwd, cwd);
+  t.equal(claim.request.env.TTRPC_ADDRESS, '/run/containerd/containerd.sock.ttrpc');
+  t.equal(claim.request.env.GRPC_ADDRESS, '/run/containerd/containerd.sock');
+  t.equal(Buffer.from(claim.request.stdin).toString(), 'options\0bytes', 'stdin byte for byte');
+  t.same(await liveSpares(inst.registry), [], 'claimed: no longer waiting');
+  await claim.answer('ok', 'unix:///run/containerd/s/abc');
+  const r = await started;
+  t.equal(r.code, 0, r.stderr);
+  t.equal(r.stdout, 'unix:///run/containerd/s/abc', 'printed exactly, no node run');
+  t.equal(r.stderr, '', 'nothing else in containerd-visible output');
+  t.same(readdirSync(inst.registry), [], 'the claim directory is removed');
+
+  // The group had a server already: the spare stays one, under a new name.
+  await slot!.reregister();
+  t.same(await liveSpares(inst.registry), [process.pid], 'waiting again');
+  const again = slot!.waitForClaim();
+  const second = start(inst, { cwd });
+  const claim2 = (await again) as SpareClaim;
+  await claim2.answer('error', 'containerd-shim-thaw-v2: shim id cannot be empty\n');
+  const r2 = await second;
+  t.equal(r2.code, 1, 'an error answer fails start');
+  t.equal(r2.stdout, '');
+  t.equal(r2.stderr, 'containerd-shim-thaw-v2: shim id cannot be empty\n', 'with the message on stderr');
+});
+
+t.test('a spare that declines: the TypeScript start runs, with the same stdin', async (t) => {
+  const inst = install(t);
+  const slot = await SpareSlot.register(inst.registry);
+  const claimed = slot!.waitForClaim();
+  const started = start(inst, { cwd: bundleDir(t), stdin: 'the-options' });
+  await ((await claimed) as SpareClaim).answer('declined', '');
+  const r = await started;
+  t.equal(r.code, 0, r.stderr);
+  t.equal(r.stdout, 'node-was-run\nthe-options', 'node got containerd stdin that the spare had read');
+});
+
+t.test('no spare, or only a dead one: straight to the TypeScript start', async (t) => {
+  const inst = install(t);
+  const none = await start(inst, { cwd: bundleDir(t), stdin: 'x' });
+  t.equal(none.stdout, 'node-was-run\nx', 'no registry at all');
+  // A spare directory whose process is gone (a pid that cannot exist) is skipped.
+  mkdirSync(join(inst.registry, 'spare.2147483646-1'), { recursive: true });
+  const dead = await start(inst, { cwd: bundleDir(t), stdin: 'y' });
+  t.equal(dead.stdout, 'node-was-run\ny');
+  t.equal(dead.stderr, '');
+  t.same(await liveSpares(inst.registry), [], 'liveSpares removes the dead one');
+  t.notOk(existsSync(join(inst.registry, 'spare.2147483646-1')));
+});
+
+t.test('a spare still booting is waited for rather than starting Node', async (t) => {
+  const inst = install(t);
+  mkdirSync(inst.registry, { recursive: true });
+  writeFileSync(join(inst.registry, 'booting'), `${process.pid}\n`);
+  const started = start(inst, { cwd: bundleDir(t) });
+  await new Promise((r) => setTimeout(r, 300)); // the launcher polls meanwhile
+  const slot = await SpareSlot.register(inst.registry);
+  t.notOk(existsSync(join(inst.registry, 'booting')), 'registering clears the marker it was booted under');
+  const claim = (await slot!.waitForClaim()) as SpareClaim;
+  await claim.answer('ok', 'unix:///late');
+  const r = await started;
+  t.equal(r.stdout, 'unix:///late', 'the late spare served it');
+});
+
+t.test('retire: out of the registry, and a pending wait ends without a claim', async (t) => {
+  const inst = install(t);
+  const slot = await SpareSlot.register(inst.registry);
+  const waiting = slot!.waitForClaim();
+  t.equal(await slot!.retire(), true);
+  t.equal(await waiting, undefined);
+  t.same(readdirSync(inst.registry), [], 'nothing left behind');
+  t.equal(await slot!.retire(), false, 'a second retire finds nothing (as if claimed)');
+});
+
+t.test('one spare is enough: a second one does not register', async (t) => {
+  const inst = install(t);
+  const first = await SpareSlot.register(inst.registry);
+  t.ok(first);
+  t.equal(await SpareSlot.register(inst.registry), undefined, 'same process counts as the waiting spare');
+});
+
+t.test('ensureSpare boots one spare at a time, niced, and not while one waits', async (t) => {
+  const inst = install(t);
+  const dir = mkdtempSync(join(tmpdir(), 'thaw-spare-boot-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  // A "node" that records its argv and priority, then stays alive like a booting spare.
+  const fakeNode = join(dir, 'fake-node');
+  writeFileSync(fakeNode, `#!/bin/sh\necho "$(cut -d' ' -f19 /proc/$$/stat) $*" >"${dir}/booted"\nexec sleep 30\n`, { mode: 0o755 });
+  const command = { file: fakeNode, args: ['--flag', '/x/bin/containerd-shim-thaw-v2.mjs'] };
+  const pid = await ensureSpare({ registry: inst.registry, command });
+  t.ok(pid, 'booted one');
+  t.teardown(() => {
+    try {
+      process.kill(pid!, 'SIGKILL');
+    } catch {
+      // gone
+    }
+  });
+  t.equal(await ensureSpare({ registry: inst.registry, command }), undefined, 'not a second while it boots');
+  await t.resolves(waitFor(() => existsSync(join(dir, 'booted'))));
+  const { readFileSync } = await import('node:fs');
+  t.equal(readFileSync(join(dir, 'booted'), 'utf8').trim(), '19 --flag /x/bin/containerd-shim-thaw-v2.mjs spare', 'nice 19, the `spare` verb');
+  process.kill(pid!, 'SIGKILL');
+  await waitFor(() => !isAlive(pid!));
+  const next = await ensureSpare({ registry: inst.registry, command });
+  t.ok(next && next !== pid, 'a booting marker of a dead process is replaced');
+  process.kill(next!, 'SIGKILL');
+});
+
+t.test('adoptEnvironment replaces the environment in place', async (t) => {
+  const saved = { ...process.env };
+  t.teardown(() => adoptEnvironment(saved as Record<string, string>));
+  process.env.THAW_SPARE_OLD = '1';
+  adoptEnvironment({ PATH: '/bin', THAW_SPARE_NEW: 'x' });
+  t.same({ ...process.env }, { PATH: '/bin', THAW_SPARE_NEW: 'x' });
+});
+
+t.test('the launcher reached through a symlink uses the registry of the real bin/', async (t) => {
+  const inst = install(t);
+  const links = mkdtempSync(join(tmpdir(), 'thaw-spare-link-'));
+  t.teardown(() => rmSync(links, { recursive: true, force: true }));
+  const link = join(links, 'containerd-shim-thaw-v2');
+  symlinkSync(inst.launcher, link);
+  const slot = await SpareSlot.register(inst.registry);
+  const claimed = slot!.waitForClaim();
+  const started = start({ ...inst, launcher: link }, { cwd: bundleDir(t) });
+  await ((await claimed) as SpareClaim).answer('ok', 'unix:///via-link');
+  t.equal((await started).stdout, 'unix:///via-link');
+});
+
+async function waitFor(cond: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error('timed out');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
