@@ -1,5 +1,4 @@
 import { execFile, spawn } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { constants as fsConstants, realpathSync, statSync } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
@@ -16,8 +15,8 @@ import { silentLogger, type Logger } from '../log/logger.js';
  * container pays neither boot. The spare then does what `start` and `serve` would have done, in
  * this process.
  *
- * Registry: SPARE_ROOT/<key>/, key = hex sha256 of the real path of bin/ — every install
- * (and every test build) has its own spares, and a spare only ever serves the code it booted:
+ * Registry: SPARE_ROOT/<real path of bin/>/ — every install (and every test build) has its own
+ * spares, and a spare only ever serves the code it booted:
  *   spare.<pid>-<n>/  a spare waiting (n: its n-th registration), with `reply`, a FIFO
  *   claim.<pid>-<n>/  the same directory after a `start` renamed it (the claim; one rename wins)
  *   booting           the pid of the spare being booted (at most one boots at a time)
@@ -54,9 +53,12 @@ export function binDirOf(script: string): string {
   return realpathSync(path.dirname(script));
 }
 
-/** The registry of the spares of one install; bin/containerd-shim-thaw-v2 computes the same path. */
+/**
+ * The registry of the spares of one install: SPARE_ROOT followed by the real path of its bin/
+ * (bin/containerd-shim-thaw-v2 builds the same path, without a process to hash it).
+ */
 export function spareRegistry(binDir: string, root = SPARE_ROOT): string {
-  return path.join(root, createHash('sha256').update(binDir).digest('hex'));
+  return path.join(root, binDir);
 }
 
 /**

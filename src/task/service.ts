@@ -105,16 +105,27 @@ export class TaskService {
         const log = this.ctx.log.child({ id: req.id });
         await using cleanup = new Cleanup((f) => log.warn({ err: f.err, step: f.name }, 'undo failed'));
         const timer = new PhaseTimer(log);
-        const rootfsTarget = await timer.phase('mount-rootfs', () => mountRootfs(req.bundle, req.rootfs));
-        if (rootfsTarget) cleanup.add('unmount rootfs', () => unmountRootfs(rootfsTarget));
         const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal };
-        const io = await timer.phase<OpenStdio | TerminalIo>('open-stdio', () => (stdio.terminal ? TerminalIo.open(stdio, { log }) : OpenStdio.open(stdio)));
-        cleanup.add('close stdio', () => io.close());
-        // Before plan: it adds the /run/thaw mount to config.json, which the key and runsc then see.
-        const trigger = await timer.phase('prepare-trigger', () =>
-          prepareTrigger({ bundle: req.bundle, id: req.id, namespace: this.ctx.namespace, config: this.rt.config, log }),
-        );
-        if (trigger) cleanup.add('remove control dir', () => trigger.dispose());
+        // Three independent steps at once (each registers its undo when done): the rootfs mount,
+        // the stdio, and the trigger, which must come before plan: it adds the /run/thaw mount to
+        // config.json, which the key and runsc then see.
+        const [rootfsTarget, io, trigger] = await settledOrFirstError([
+          timer.phase('mount-rootfs', async () => {
+            const target = await mountRootfs(req.bundle, req.rootfs);
+            if (target) cleanup.add('unmount rootfs', () => unmountRootfs(target));
+            return target;
+          }),
+          timer.phase('open-stdio', async () => {
+            const opened = stdio.terminal ? await TerminalIo.open(stdio, { log }) : await OpenStdio.open(stdio);
+            cleanup.add('close stdio', () => opened.close());
+            return opened;
+          }),
+          timer.phase('prepare-trigger', async () => {
+            const prepared = await prepareTrigger({ bundle: req.bundle, id: req.id, namespace: this.ctx.namespace, config: this.rt.config, log });
+            if (prepared) cleanup.add('remove control dir', () => prepared.dispose());
+            return prepared;
+          }),
+        ]);
         const lifecycle = this.rt.lifecycle;
         const plan = await lifecycle.plan({
           id: req.id,
@@ -378,4 +389,12 @@ async function linkTree(src: string, dst: string): Promise<void> {
       await link(from, to).catch(() => copyFile(from, to));
     }
   }
+}
+
+/** Like Promise.all, but waits for every step (so each has registered its undo) before throwing the first error. */
+async function settledOrFirstError<T extends readonly unknown[]>(steps: { [K in keyof T]: Promise<T[K]> }): Promise<T> {
+  const results = await Promise.allSettled(steps);
+  const failed = results.find((r) => r.status === 'rejected');
+  if (failed) throw failed.reason;
+  return results.map((r) => (r as PromiseFulfilledResult<unknown>).value) as unknown as T;
 }

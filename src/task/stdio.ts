@@ -32,21 +32,23 @@ export class OpenStdio {
     if (req.terminal) {
       throw new ShimError('NotImplemented', 'terminal (pty) tasks are not supported by thaw yet: run without -t');
     }
-    const handles: FileHandle[] = [];
-    try {
-      const stdin = req.stdin ? await openStdin(req.stdin) : undefined;
-      if (stdin) handles.push(stdin);
-      const out = req.stdout ? await openOutput(req.stdout) : undefined;
-      if (out) handles.push(out);
+    // The three at once: each is a few fs calls, on the path of every Create.
+    const [stdin, out, separateErr] = await Promise.allSettled([
+      req.stdin ? openStdin(req.stdin) : undefined,
+      req.stdout ? openOutput(req.stdout) : undefined,
       // ctr may give stdout and stderr one target (file://): share the fd then.
-      const err = req.stderr ? (req.stderr === req.stdout ? out : await openOutput(req.stderr)) : undefined;
-      if (err && err !== out) handles.push(err);
-      const slot = (h: FileHandle | undefined): StdioSlot => h?.fd ?? 'ignore';
-      return new OpenStdio([slot(stdin), slot(out), slot(err)], handles, stdin);
-    } catch (e) {
-      await Promise.all(handles.map((h) => h.close().catch(() => undefined)));
-      throw e;
+      req.stderr && req.stderr !== req.stdout ? openOutput(req.stderr) : undefined,
+    ]);
+    const opened = [stdin, out, separateErr].flatMap((r) => (r.status === 'fulfilled' && r.value ? [r.value] : []));
+    const failed = [stdin, out, separateErr].find((r) => r.status === 'rejected');
+    if (failed) {
+      await Promise.all(opened.map((h) => h.close().catch(() => undefined)));
+      throw failed.reason;
     }
+    const value = (r: PromiseSettledResult<FileHandle | undefined>): FileHandle | undefined => (r.status === 'fulfilled' ? r.value : undefined);
+    const err = req.stderr && req.stderr === req.stdout ? value(out) : value(separateErr);
+    const slot = (h: FileHandle | undefined): StdioSlot => h?.fd ?? 'ignore';
+    return new OpenStdio([slot(value(stdin)), slot(value(out)), slot(err)], opened, value(stdin));
   }
 
   /** CloseIO: drop our copy of stdin (the app sees EOF once the client's end closes too). */
