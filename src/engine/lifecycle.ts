@@ -6,7 +6,8 @@ import { readBundleSpec, specWantsGpu, type OciSpec } from '../bundle/bundle.js'
 import { decide, type Decision, type SnapshotLookup } from '../policy/decide.js';
 import type { ThawConfig } from '../config/config.js';
 import type { SnapshotStore } from '../snapshot/store.js';
-import { collectKeyInputs, computeKey, type GpuIdentity, type KeyInputs } from '../snapshot/key.js';
+import { collectKeyInputs, computeKey, fingerprintRootfs, type GpuIdentity, type KeyInputs } from '../snapshot/key.js';
+import type { RootfsFingerprints, RootfsMountSource } from '../snapshot/rootfs-cache.js';
 import type { RestoreStager, StageResult } from '../restore/engine.js';
 import { checksumsFromManifest, type ImageChecksum } from '../restore/pages.js';
 import type { ContainerRecords, ContainerRecord } from './records.js';
@@ -29,6 +30,8 @@ export interface LaunchRequest {
   owner: 'cli' | 'shim';
   /** Force a cold start (CLI --cold). */
   cold?: boolean;
+  /** The mounts containerd assembled the rootfs from (Create): the rootfs fingerprint may then come from the cache. */
+  rootfsMounts?: readonly RootfsMountSource[];
 }
 
 export interface Plan {
@@ -73,6 +76,8 @@ export interface LifecycleDeps {
   stager: RestoreStager;
   /** GPU identity for the key (null when the host has no GPU). */
   gpuIdentity: () => Promise<GpuIdentity | null>;
+  /** Fingerprints of rootfs trees made of image layers, kept across containers. */
+  rootfsFingerprints?: RootfsFingerprints;
 }
 
 export class Lifecycle {
@@ -102,6 +107,8 @@ export class Lifecycle {
         engine: { name: engine.name, identity: await engine.identity() },
         gpu: await this.deps.gpuIdentity(),
         ignoreEnv: this.deps.config.snapshot.ignoreEnv,
+        fingerprintRootfs: (dir, o) =>
+          this.deps.rootfsFingerprints ? this.deps.rootfsFingerprints.fingerprint(dir, request.rootfsMounts, o) : fingerprintRootfs(dir, o),
       }),
     );
     const key = computeKey(keyInputs);

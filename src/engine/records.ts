@@ -1,5 +1,6 @@
-import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { writeFileAtomic } from '../atomic-file.js';
 import { ShimError } from '../errors.js';
 import type { EngineName } from './engine.js';
 import type { KeyInputs } from '../snapshot/key.js';
@@ -45,9 +46,7 @@ export class ContainerRecords {
 
   async save(rec: ContainerRecord): Promise<void> {
     const path = this.#path(rec.id, rec.namespace);
-    const tmp = `${path}.${process.pid}.tmp`;
-    await writeFile(tmp, JSON.stringify(rec, null, 2));
-    await rename(tmp, path);
+    await writeFileAtomic(path, JSON.stringify(rec, null, 2));
   }
 
   async get(id: string, namespace = ''): Promise<ContainerRecord | undefined> {

@@ -2,6 +2,7 @@ import { join } from 'node:path';
 import type { Logger } from '../log/logger.js';
 import type { ThawConfig } from '../config/config.js';
 import { SnapshotStore } from '../snapshot/store.js';
+import { RootfsFingerprints } from '../snapshot/rootfs-cache.js';
 import { RestoreStager } from '../restore/engine.js';
 import { ioFileHasher, ioStageReader, openIo } from '../restore/io.js';
 import { ContainerRecords } from './records.js';
@@ -61,6 +62,7 @@ export async function openRuntime(config: ThawConfig, log: Logger): Promise<Runt
     engine,
     stager,
     gpuIdentity: once(() => (config.gpu.mode === 'off' ? Promise.resolve(null) : probeGpuIdentity())),
+    rootfsFingerprints: new RootfsFingerprints(join(config.stateDir, 'cache', 'rootfs')),
   });
   return { config, log, store, records, engine, lifecycle };
 }

@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
-import { mkdir, readFile, realpath, rename, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, realpath, stat } from 'node:fs/promises';
 import { delimiter, join } from 'node:path';
+import { writeFileAtomic } from '../atomic-file.js';
 import { ShimError } from '../errors.js';
 import type { CheckpointOptions, CompressionLevel, RestoreOptions } from './options.js';
 
@@ -200,9 +201,7 @@ async function readProbeCache(file: string, binary: BinaryIdentity | null): Prom
 
 async function writeProbeCache(dir: string, file: string, content: ProbeCacheFile): Promise<void> {
   await mkdir(dir, { recursive: true, mode: 0o700 });
-  const tmp = `${file}.${process.pid}.tmp`;
-  await writeFile(tmp, JSON.stringify(content), { mode: 0o600 });
-  await rename(tmp, file);
+  await writeFileAtomic(file, JSON.stringify(content), 0o600);
 }
 
 function sha256(text: string): string {

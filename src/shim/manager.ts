@@ -1,8 +1,9 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, constants as fsConstants, openSync } from 'node:fs';
-import { readFile, rename, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { ShimFlags } from '../cli/shim-flags.js';
+import { writeFileAtomic } from '../atomic-file.js';
 import { ShimError } from '../errors.js';
 import { silentLogger, type Logger } from '../log/logger.js';
 import { isDebugLevel, mayBeBootstrap, parseStartInput, startReply, type StartInput } from './bootstrap.js';
@@ -149,8 +150,8 @@ export function serveArgs(flags: ServeFlags): string[] {
 /** The bundle files `start` leaves for containerd: the address, and the server's pid when it launched one. */
 export async function writeStartFiles(bundle: string, address: string, pid: number | undefined): Promise<void> {
   await Promise.all([
-    writeAtomic(path.join(bundle, BUNDLE_FILES.address), address),
-    pid === undefined ? undefined : writeAtomic(path.join(bundle, BUNDLE_FILES.shimPid), String(pid)),
+    writeFileAtomic(path.join(bundle, BUNDLE_FILES.address), address),
+    pid === undefined ? undefined : writeFileAtomic(path.join(bundle, BUNDLE_FILES.shimPid), String(pid)),
   ]);
 }
 
@@ -362,12 +363,6 @@ function waitReady(child: ChildProcess, timeoutMs: number): Promise<'ready' | 'e
       else settle(() => reject(new ShimError('Unavailable', `shim server failed: ${line.replace(/^error: /, '')}`)));
     });
   });
-}
-
-async function writeAtomic(file: string, content: string): Promise<void> {
-  const tmp = `${file}.${process.pid}.tmp`;
-  await writeFile(tmp, content, { mode: 0o644 });
-  await rename(tmp, file);
 }
 
 function requireFlag(value: string, name: string): void {

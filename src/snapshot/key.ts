@@ -139,6 +139,8 @@ export interface CollectKeyInputsOptions {
   ignoreEnv?: readonly string[];
   /** CPU identity; default read from /proc/cpuinfo. */
   cpu?: CpuIdentity;
+  /** How the rootfs is fingerprinted when no digest is known; default fingerprintRootfs (a cache may answer instead). */
+  fingerprintRootfs?: (dir: string, opts: FingerprintOptions) => Promise<RootfsFingerprint>;
   signal?: AbortSignal;
 }
 
@@ -179,7 +181,7 @@ export async function collectKeyInputs(opts: CollectKeyInputsOptions): Promise<K
   const rootfsDir = isAbsolute(spec.root.path) ? spec.root.path : join(bundle, spec.root.path);
   const rootfs =
     digest === null
-      ? await fingerprintRootfs(rootfsDir, { exclude: allMounts.map((m) => m.destination), signal: opts.signal })
+      ? await (opts.fingerprintRootfs ?? fingerprintRootfs)(rootfsDir, { exclude: allMounts.map((m) => m.destination), signal: opts.signal })
       : null;
   return {
     formatVersion: SNAPSHOT_FORMAT_VERSION,

@@ -2,21 +2,16 @@ import { execFile } from 'node:child_process';
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ShimError } from '../errors.js';
+import type { RootfsMountSource } from '../snapshot/rootfs-cache.js';
+
+const TIMEOUT_MS = 30_000;
 
 /**
  * Mounts the rootfs layers containerd passes in Create (snapshotter mounts: overlay, bind) onto
  * `<bundle>/rootfs`, and unmounts them on Delete. Node has no mount(2), so util-linux's mount(8)
  * does it: the options arrive exactly as `-o` expects them.
  */
-export interface RootfsMount {
-  type: string;
-  source: string;
-  options: readonly string[];
-}
-
-const TIMEOUT_MS = 30_000;
-
-export async function mountRootfs(bundle: string, mounts: readonly RootfsMount[]): Promise<string | undefined> {
+export async function mountRootfs(bundle: string, mounts: readonly RootfsMountSource[]): Promise<string | undefined> {
   if (mounts.length === 0) return undefined;
   const target = join(bundle, 'rootfs');
   await mkdir(target, { recursive: true });

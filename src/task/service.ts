@@ -134,6 +134,7 @@ export class TaskService {
           stdio: io.fds,
           ...(io instanceof TerminalIo ? { consoleSocket: io.consoleSocket } : {}),
           owner: 'shim',
+          rootfsMounts: req.rootfs,
         });
         // For `delete` after a crash, which gets no runtime options from containerd. Written once
         // plan() has read the bundle (a missing bundle is NotFound there) and before any sandbox.

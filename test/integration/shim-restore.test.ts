@@ -98,6 +98,10 @@ async function restoreFlows(t: Test, version: ContainerdVersion): Promise<void> 
     const last = ticksOf(await readLines(log)).at(-1) ?? 0;
     await remove('rs-thaw-1');
 
+    // The key's rootfs fingerprint of rs-thaw-1 (overlay of the image's layers) was kept, and
+    // rs-thaw-2's restore found the snapshot with it: the cached fingerprint is the walked one.
+    const fingerprints = await readdir(path.join(h.thawState, 'cache', 'rootfs')).catch(() => []);
+    t.ok(fingerprints.length > 0, `rootfs fingerprint cached (${fingerprints.join(' ')})`);
     const log2 = await start('rs-thaw-2', 11, 3);
     await expectRestored(t, 'rs-thaw-2', log2, last, ck.snapshot);
     await remove('rs-thaw-2');
