@@ -30,7 +30,9 @@ async function privateInstall(t: Test): Promise<string> {
   const built = await buildThawBinaries();
   const root = mkdtempSync(path.join(tmpdir(), 'thaw-spare-install-'));
   t.teardown(() => {
-    killSpares(registryOf(path.join(root, 'bin')));
+    const registry = registryOf(path.join(root, 'bin'));
+    killSpares(registry);
+    rmSync(path.dirname(registry), { recursive: true, force: true }); // <SPARE_ROOT><root>/bin: <root> is ours
     rmSync(root, { recursive: true, force: true });
   });
   const cp = spawnSync('sh', ['-c', `mkdir -p "$2/dist" && cp -a "$1/bin" "$2/" && cp -a "$1/dist/bundle" "$2/dist/"`, 'sh', path.dirname(built), root]);

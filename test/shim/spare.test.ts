@@ -33,7 +33,7 @@ function install(t: Test): Install {
   const registry = spareRegistry(binDirOf(launcher));
   t.teardown(() => {
     rmSync(root, { recursive: true, force: true });
-    rmSync(registry, { recursive: true, force: true });
+    rmSync(dirname(registry), { recursive: true, force: true }); // <SPARE_ROOT><root>/bin: <root> is ours
   });
   return { launcher, registry, path: `${stubs}:${process.env.PATH ?? '/usr/bin:/bin'}` };
 }
