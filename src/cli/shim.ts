@@ -5,7 +5,7 @@
 import { readdirSync } from 'node:fs';
 import { setPriority } from 'node:os';
 import type { Logger } from '../log/logger.js';
-import type { ServeFlags, StartPlan } from '../shim/manager.js';
+import type { ServeFlags } from '../shim/manager.js';
 import type { ShimServer } from '../shim/serve.js';
 import { isShimVerb, parseShimArgs, SHIM_USAGE, type ShimArgs, type ShimFlags } from './shim-flags.js';
 
@@ -115,6 +115,8 @@ async function serveShim(
     ns: flags.namespace,
     shim: flags.id,
   });
+  // A claimed spare's stderr is /dev/null, not the log FIFO: Node's own report of a crash would be lost.
+  process.on('uncaughtExceptionMonitor', (err, origin) => log.fatal({ err, origin }, 'shim server crashed'));
   // Before any runsc: sandboxes become this server's children, so exits are reaped, not polled.
   enableChildReaper({ log });
   return serve(
@@ -162,56 +164,31 @@ async function runSpare(): Promise<never> {
   if (slot === undefined) process.exit(0); // another spare waits already
   void import('../task/service.js').catch(() => undefined);
   // A spare of code that was rebuilt or removed (a test build) leaves instead of waiting forever.
-  const watchdog = setInterval(() => {
-    if (spare.codeStampOf(binDir) !== stamp) void slot.retire().then((gone) => gone && process.exit(0), () => process.exit(1));
-  }, SPARE_CODE_CHECK_MS);
+  const watchCode = (): NodeJS.Timeout =>
+    setInterval(() => {
+      if (spare.codeStampOf(binDir) !== stamp) void slot.retire().then((gone) => gone && process.exit(0), () => process.exit(1));
+    }, SPARE_CODE_CHECK_MS);
+  let watchdog = watchCode();
+  const logFdFor = (bundle: string): number => manager.openShimLog(bundle) ?? 2;
   for (;;) {
     const claim = await slot.waitForClaim().catch(() => undefined); // a broken claim: `start` goes on without us
     if (claim === undefined) process.exit(0);
-    if (spare.codeStampOf(binDir) !== stamp) {
-      await claim.answer('declined', '');
-      process.exit(0);
-    }
     clearInterval(watchdog);
-    const { request } = claim;
-    let args: ShimArgs;
-    try {
-      args = parseShimArgs(request.argv);
-      if (args.verb !== 'start') throw new Error(`a spare serves only start, not ${JSON.stringify(args.verb ?? '')}`);
-    } catch {
-      await claim.answer('declined', '');
-      process.exit(0);
+    const outcome = await spare.handleClaim(claim, {
+      codeUnchanged: () => spare.codeStampOf(binDir) === stamp,
+      planStart: manager.planStart,
+      writeStartFiles: manager.writeStartFiles,
+      serve: (plan, bundle) => serveShim(plan.serveFlags, { logFd: logFdFor(bundle), runtimeOptions: plan.runtimeOptions }),
+      onAccepted: resetPriority,
+      binary: BINARY,
+    });
+    if (outcome.kind === 'exit') process.exit(outcome.code);
+    if (outcome.kind === 'serving') {
+      await outcome.server.done;
+      process.exit(outcome.server.shutdown.failures.length === 0 ? 0 : 1);
     }
-    spare.adoptEnvironment(request.env);
-    process.chdir(request.cwd);
-    resetPriority();
-    let plan: StartPlan;
-    try {
-      plan = await manager.planStart({ flags: args.flags, stdin: request.stdin, bundle: request.cwd });
-    } catch (err) {
-      await claim.answer('error', `${BINARY}: ${errorText(err)}\n`);
-      process.exit(1);
-    }
-    if (plan.running) {
-      // The container joins its group's server; this process stays a spare.
-      await manager.writeStartFiles(request.cwd, plan.address, undefined);
-      await claim.answer('ok', plan.reply);
-      await slot.reregister();
-      continue;
-    }
-    if (plan.ttrpcAddress) process.env.TTRPC_ADDRESS = plan.ttrpcAddress;
-    const logFd = manager.openShimLog(request.cwd);
-    let shim: ShimServer;
-    try {
-      shim = await serveShim(plan.serveFlags, { logFd: logFd ?? 2, runtimeOptions: plan.runtimeOptions });
-      await manager.writeStartFiles(request.cwd, plan.address, process.pid);
-    } catch (err) {
-      await claim.answer('error', `${BINARY}: ${errorText(err)}\n`);
-      process.exit(1);
-    }
-    await claim.answer('ok', plan.reply);
-    await shim.done;
-    process.exit(shim.shutdown.failures.length === 0 ? 0 : 1);
+    await slot.reregister();
+    watchdog = watchCode();
   }
 }
 

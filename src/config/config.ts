@@ -86,7 +86,7 @@ export interface ThawConfig {
     /**
      * Keep one spare server booted for the next container's `start` (src/shim/spare.ts): a
      * container then pays no Node start-up in `start` or `serve`, at the price of one idle Node
-     * process (~45 MB) per install.
+     * process (~50 MB) per install.
      */
     spare: boolean;
   };

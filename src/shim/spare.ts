@@ -3,8 +3,11 @@ import { constants as fsConstants, realpathSync, statSync } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { ShimError } from '../errors.js';
+import { parseShimArgs, type ShimFlags } from '../cli/shim-flags.js';
+import { isShimError, ShimError } from '../errors.js';
 import { silentLogger, type Logger } from '../log/logger.js';
+import type { StartPlan } from './manager.js';
+import type { ShimServer } from './serve.js';
 
 /**
  * Spare shim servers. containerd runs `start` for every container and waits for the server it
@@ -203,6 +206,73 @@ export class SpareSlot {
     this.#log.debug({ registry: this.#registry }, 'spare retired');
     return true;
   }
+}
+
+export interface ClaimDeps {
+  /** Whether the installed code is still what this spare booted. */
+  readonly codeUnchanged: () => boolean;
+  readonly planStart: (opts: { flags: ShimFlags; stdin: Uint8Array; bundle: string }) => Promise<StartPlan>;
+  readonly writeStartFiles: (bundle: string, address: string, pid: number | undefined) => Promise<void>;
+  /** Serves the plan's socket in this process (logger on the bundle's log FIFO, Task service). */
+  readonly serve: (plan: StartPlan, bundle: string) => Promise<ShimServer>;
+  /** Called once the request is accepted, before anything else (priority back to normal). */
+  readonly onAccepted?: () => void;
+  readonly binary: string;
+}
+
+/** What a claim made of this process: a container's server, still a spare, or nothing more. */
+export type ClaimOutcome = { readonly kind: 'serving'; readonly server: ShimServer } | { readonly kind: 'spare' } | { readonly kind: 'exit'; readonly code: number };
+
+/**
+ * Does for a claim what `start` (and the `serve` it would launch) would: declines what only a
+ * Node `start` should do (another verb, code rebuilt since this spare booted), takes on the
+ * environment, working directory and stdin of the `start`, plans, and either answers with the
+ * group's running server (the spare stays one) or serves the container here.
+ */
+export async function handleClaim(claim: SpareClaim, deps: ClaimDeps): Promise<ClaimOutcome> {
+  const { request } = claim;
+  let flags: ShimFlags;
+  try {
+    const args = parseShimArgs(request.argv);
+    if (args.verb !== 'start' || !deps.codeUnchanged()) throw new Error('not for a spare');
+    flags = args.flags;
+  } catch {
+    await claim.answer('declined', '');
+    return { kind: 'exit', code: 0 };
+  }
+  adoptEnvironment(request.env);
+  process.chdir(request.cwd);
+  deps.onAccepted?.();
+  const failed = async (err: unknown): Promise<ClaimOutcome> => {
+    await claim.answer('error', `${deps.binary}: ${(err as Error).message}\n`);
+    return { kind: 'exit', code: 1 };
+  };
+  let plan: StartPlan;
+  try {
+    plan = await deps.planStart({ flags, stdin: request.stdin, bundle: request.cwd });
+  } catch (err) {
+    return failed(err);
+  }
+  if (plan.running) {
+    // The container joins its group's server; this process stays a spare.
+    await deps.writeStartFiles(request.cwd, plan.address, undefined);
+    await claim.answer('ok', plan.reply);
+    return { kind: 'spare' };
+  }
+  if (plan.ttrpcAddress) process.env.TTRPC_ADDRESS = plan.ttrpcAddress;
+  let server: ShimServer;
+  try {
+    server = await deps.serve(plan, request.cwd);
+    await deps.writeStartFiles(request.cwd, plan.address, process.pid);
+  } catch (err) {
+    if (!isShimError(err, 'AlreadyExists')) return failed(err);
+    // Another start of the group got there first: its server takes the container.
+    await deps.writeStartFiles(request.cwd, plan.address, undefined);
+    await claim.answer('ok', plan.reply);
+    return { kind: 'exit', code: 0 };
+  }
+  await claim.answer('ok', plan.reply);
+  return { kind: 'serving', server };
 }
 
 export interface EnsureSpareOptions {

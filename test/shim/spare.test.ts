@@ -9,7 +9,10 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import t, { type Test } from 'tap';
-import { adoptEnvironment, binDirOf, ensureSpare, liveSpares, SpareSlot, spareRegistry, type SpareClaim } from '../../src/shim/spare.js';
+import { ShimError } from '../../src/errors.js';
+import type { StartPlan } from '../../src/shim/manager.js';
+import type { ShimServer } from '../../src/shim/serve.js';
+import { adoptEnvironment, binDirOf, ensureSpare, handleClaim, liveSpares, SpareSlot, spareRegistry, type ClaimDeps, type SpareClaim, type SpareStatus } from '../../src/shim/spare.js';
 
 const REPO_LAUNCHER = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'bin', 'containerd-shim-thaw-v2');
 const START_FLAGS = ['-namespace', 'ns1', '-address', '/run/containerd/containerd.sock', '-publish-binary', '/usr/bin/containerd', '-id', 'c1'];
@@ -223,3 +226,57 @@ function isAlive(pid: number): boolean {
     return false;
   }
 }
+
+t.test('handleClaim: what a claim makes of the spare', async (t) => {
+  const savedEnv = { ...process.env } as Record<string, string>;
+  const savedCwd = process.cwd();
+  t.teardown(() => {
+    adoptEnvironment(savedEnv);
+    process.chdir(savedCwd);
+  });
+  const cwd = bundleDir(t);
+  const plan = (o: Partial<StartPlan> = {}): StartPlan =>
+    ({ address: 'unix:///s/x', reply: Buffer.from('unix:///s/x'), running: false, serveFlags: {}, runtimeOptions: undefined, ttrpcAddress: undefined, ...o }) as StartPlan;
+  const server = { done: Promise.resolve() } as unknown as ShimServer;
+  const run = async (argv: string[], deps: Partial<ClaimDeps>) => {
+    const answers: [SpareStatus, string][] = [];
+    const files: [string, number | undefined][] = [];
+    const claim: SpareClaim = {
+      request: { argv, cwd, env: { ...savedEnv, FROM_CONTAINERD: '1' }, stdin: Buffer.from('opts') },
+      answer: async (status, output) => void answers.push([status, Buffer.from(output).toString()]),
+    };
+    const outcome = await handleClaim(claim, {
+      codeUnchanged: () => true,
+      planStart: async () => plan(),
+      writeStartFiles: async (_bundle, address, pid) => void files.push([address, pid]),
+      serve: async () => server,
+      binary: 'containerd-shim-thaw-v2',
+      ...deps,
+    });
+    return { outcome, answers, files };
+  };
+  const start = [...START_FLAGS, 'start'];
+
+  const other = await run([...START_FLAGS, 'delete'], {});
+  t.same([other.outcome, other.answers], [{ kind: 'exit', code: 0 }, [['declined', '']]], 'another verb: declined');
+  const stale = await run(start, { codeUnchanged: () => false });
+  t.same([stale.outcome, stale.answers], [{ kind: 'exit', code: 0 }, [['declined', '']]], 'rebuilt code: declined');
+
+  let stdinSeen = '';
+  const served = await run(start, { planStart: async (o) => ((stdinSeen = Buffer.from(o.stdin).toString()), plan()) });
+  t.same(served.outcome, { kind: 'serving', server });
+  t.same(served.answers, [['ok', 'unix:///s/x']]);
+  t.same(served.files, [['unix:///s/x', process.pid]], 'address and this pid as shim.pid');
+  t.equal(stdinSeen, 'opts');
+  t.equal(process.env.FROM_CONTAINERD, '1', "containerd's environment adopted");
+  t.equal(process.cwd(), cwd, 'in the bundle');
+
+  const joined = await run(start, { planStart: async () => plan({ running: true }) });
+  t.same([joined.outcome, joined.answers, joined.files], [{ kind: 'spare' }, [['ok', 'unix:///s/x']], [['unix:///s/x', undefined]]], "the group's server: stays a spare");
+
+  const failed = await run(start, { planStart: async () => Promise.reject(new ShimError('NotFound', 'read config.json failed')) });
+  t.same([failed.outcome, failed.answers], [{ kind: 'exit', code: 1 }, [['error', 'containerd-shim-thaw-v2: read config.json failed\n']]]);
+
+  const raced = await run(start, { serve: async () => Promise.reject(new ShimError('AlreadyExists', 'a shim server already listens')) });
+  t.same([raced.outcome, raced.answers, raced.files], [{ kind: 'exit', code: 0 }, [['ok', 'unix:///s/x']], [['unix:///s/x', undefined]]], 'lost the race for the socket: the winner serves');
+});
