@@ -77,6 +77,8 @@ async function world(t: Test, o: { upstream?: boolean } = {}) {
   await mkdir(join(bundle, 'rootfs'), { recursive: true });
   await writeFile(join(bundle, 'config.json'), JSON.stringify(gpuSpec()));
   await put('state.stdout', JSON.stringify({ ociVersion: '1.0.2', id: 'x', status: 'running', pid: 4242, bundle }));
+  await mkdir(join(runscDir, 'create.files'));
+  await put('create.files/pid-file', '4242'); // runsc create --pid-file: the sandbox's pid
   await put('ps.stdout', JSON.stringify([1, 7, 9]));
   // pid 7 is a CUDA process; 1 and 9 are not (the tool fails for them).
   await host.setState(7, 'running');
