@@ -41,17 +41,24 @@ if [ "$need_apt" = 1 ]; then
     runsc/bookworm-backports "${debs[@]:1}" >/dev/null
 fi
 
-# CRIU 4.x: bookworm's 3.17 fails on kernels >= 6.11, trixie's 4.1.1 needs glibc 2.38, so its binary
-# runs from a private prefix through that prefix's own loader (see docs/native-engine.md).
+# CRIU 4.2: bookworm's 3.17 fails on kernels >= 6.11; trixie's 4.1.1 cannot dump a process that holds
+# an inet socket (a listening server) on kernels >= 6.16, which refuse getsockopt(SO_PASSCRED) there
+# (CRIU issue 2718, fixed in 4.2); sid's 4.2.1 needs glibc 2.38, so its binary runs from a private
+# prefix through that prefix's own loader (trixie's libc and libraries, sid's where 4.2 needs newer
+# ones; see docs/native-engine.md). A prefix of another version is replaced.
 criu_prefix=${THAW_CRIU_PREFIX:-/opt/thaw/criu}
-if [ ! -x "$criu_prefix/bin/criu" ]; then
+criu_version=4.2.1
+if ! "$criu_prefix/bin/criu" --version 2>/dev/null | grep -q "Version: $criu_version"; then
   add_suite trixie || true
-  # The suite file may exist while its package lists were never fetched on this machine.
-  apt-cache show criu/trixie >/dev/null 2>&1 || apt-get update -q >/dev/null
-  log "unpacking CRIU 4.x into $criu_prefix"
+  add_suite sid || true
+  # The suite files may exist while their package lists were never fetched on this machine.
+  apt-cache madison criu 2>/dev/null | grep -q " $criu_version-" || apt-get update -q >/dev/null
+  log "unpacking CRIU $criu_version into $criu_prefix"
   dl=$(mktemp -d); chmod 755 "$dl"  # apt's download user must be able to write there
-  (cd "$dl" && apt-get download -q criu/trixie libprotobuf-c1/trixie libnet1/trixie libnftables1/trixie \
-      libmnl0/trixie libnftnl11/trixie libxtables12/trixie libc6/trixie >/dev/null)
+  (cd "$dl" && apt-get download -q "criu=$criu_version-*" libcompel1/sid libnet9/sid libnl-3-200/sid \
+      libprotobuf-c1/trixie libnftables1/trixie libmnl0/trixie libnftnl11/trixie libxtables12/trixie \
+      libc6/trixie >/dev/null)
+  rm -rf "$criu_prefix/root" "$criu_prefix/debs"
   mkdir -p "$criu_prefix/root" "$criu_prefix/bin"
   for d in "$dl"/*.deb; do dpkg-deb -x "$d" "$criu_prefix/root"; done
   mkdir -p "$criu_prefix/debs" && cp "$dl"/*.deb "$criu_prefix/debs/"

@@ -3,15 +3,19 @@
  * benchmarks. It "initialises" (sleeps --init-ms, like importing torch and compiling kernels),
  * fills --mib MiB with a deterministic pattern, prints READY, then ticks. SIGUSR1 verifies every
  * byte and prints VERIFY OK|FAIL, so a restored copy can prove its memory came back intact.
+ * --listen-port N also holds a TCP socket listening on 127.0.0.1:N, as a server would.
  * Output lines: "<event> <key=value>..." with wall-clock ms, one per line, unbuffered.
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -43,6 +47,7 @@ int main(int argc, char **argv) {
   long exit_after = arg_long(argc, argv, "--exit-after-ticks", -1);
   long exit_code = arg_long(argc, argv, "--exit-code", 0);
   uint64_t seed = (uint64_t)arg_long(argc, argv, "--seed", 42);
+  long listen_port = arg_long(argc, argv, "--listen-port", 0);
   setvbuf(stdout, NULL, _IONBF, 0);
   signal(SIGUSR1, on_usr1);
 
@@ -56,6 +61,14 @@ int main(int argc, char **argv) {
     mem = mmap(NULL, words * sizeof(uint64_t), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED) { printf("ERROR mmap\n"); return 2; }
     for (size_t i = 0; i < words; i++) mem[i] = pattern(i, seed);
+  }
+  if (listen_port > 0) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)listen_port), .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    int one = 1;
+    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) != 0 || listen(s, 16) != 0) { printf("ERROR listen\n"); return 2; }
+    printf("LISTEN port=%ld\n", listen_port);
   }
   printf("READY t=%llu mib=%ld\n", (unsigned long long)now_ms(), mib);
 

@@ -26,6 +26,8 @@ export interface DemoAppArgs {
   seed?: number;
   exitAfterTicks?: number;
   exitCode?: number;
+  /** Also listen on 127.0.0.1:PORT (TCP), as a server would. */
+  listenPort?: number;
 }
 
 export function demoAppArgv(a: DemoAppArgs): string[] {
@@ -33,6 +35,7 @@ export function demoAppArgv(a: DemoAppArgs): string[] {
   if (a.seed !== undefined) argv.push('--seed', String(a.seed));
   if (a.exitAfterTicks !== undefined) argv.push('--exit-after-ticks', String(a.exitAfterTicks));
   if (a.exitCode !== undefined) argv.push('--exit-code', String(a.exitCode));
+  if (a.listenPort !== undefined) argv.push('--listen-port', String(a.listenPort));
   return argv;
 }
 
