@@ -49,6 +49,13 @@ export interface ThawConfig {
     path: string;
     /** CRIU >= 4.1 (set-up unpacks trixie's into /opt/thaw/criu). */
     criuPath: string;
+    /**
+     * Checkpoint established TCP connections (CRIU's --tcp-established) instead of refusing them.
+     * Apps of several processes talk over loopback TCP (torch.distributed's stores, NCCL's
+     * bootstrap), which CRIU otherwise refuses to dump; a restored connection to a peer outside the
+     * snapshot is dead and reset on its next use. Restores always accept such connections.
+     */
+    tcpEstablished: boolean;
   };
   checkpoint: {
     /** `none` makes pages.img raw and page-aligned (fast, stageable); `auto` = best the runsc offers. */
@@ -101,7 +108,7 @@ export const defaultConfig: ThawConfig = Object.freeze({
   // host-uds=open lets the app connect to the one host socket thaw mounts in (/run/thaw/thaw.sock, the
   // on-request trigger); only sockets bind-mounted into the container are reachable.
   runsc: { path: 'runsc', platform: 'systrap', network: 'none', debugLogDir: null, flags: { 'host-uds': 'open' } },
-  runc: { path: 'runc', criuPath: '/opt/thaw/criu/bin/criu' },
+  runc: { path: 'runc', criuPath: '/opt/thaw/criu/bin/criu', tcpEstablished: false },
   checkpoint: { compression: 'auto', direct: true },
   restore: { stage: true, ioBackend: 'auto', verify: true, lazyPages: 'auto' },
   gpu: { mode: 'auto', cudaCheckpointPath: null, lockTimeoutMs: 10_000 },

@@ -102,6 +102,8 @@ export interface NativeEngineOptions {
   timeoutsMs?: Readonly<Partial<Record<RuncVerb, number>>>;
   /** How long restore waits for recorded host pids to be freed (host pid namespace only). */
   pidReleaseTimeoutMs?: number;
+  /** Checkpoint established TCP connections (ThawConfig.runc.tcpEstablished). */
+  tcpEstablished?: boolean;
   /**
    * Restore anonymous memory with thaw's parallel lazy-pages server (ThawConfig.restore.lazyPages;
    * default 'auto': when the addon loads and CRIU supports userfaultfd).
@@ -211,6 +213,7 @@ export class NativeEngine implements Engine {
   readonly #pidReleaseTimeoutMs: number;
   readonly #lazyPages: LazyPagesMode;
   readonly #lazyTuning: NativeLazyPagesTuning;
+  readonly #tcpEstablished: boolean;
   /** Serializes read-modify-write of one container's record within this process. */
   readonly #locks = new Map<string, Promise<unknown>>();
 
@@ -223,6 +226,7 @@ export class NativeEngine implements Engine {
     this.#pidReleaseTimeoutMs = options.pidReleaseTimeoutMs ?? 5_000;
     this.#lazyPages = options.lazyPages ?? 'auto';
     this.#lazyTuning = options.lazyPagesTuning ?? {};
+    this.#tcpEstablished = options.tcpEstablished ?? false;
     this.runc =
       options.runc ??
       new Runc({
@@ -470,7 +474,8 @@ export class NativeEngine implements Engine {
   }
 
   #restoreArgs(a: RestoreAttempt) {
-    return { imagePath: a.imageDir, bundle: a.bundle.dir, stdio: a.io.fds, pidFile: a.pidFile, consoleSocket: a.consoleSocket };
+    // Established connections in the image are restored whatever the config says now.
+    return { imagePath: a.imageDir, bundle: a.bundle.dir, stdio: a.io.fds, pidFile: a.pidFile, consoleSocket: a.consoleSocket, tcpEstablished: true };
   }
 
   /** Saves the container record with the restored init (runc wrote its pid file). */
@@ -562,7 +567,7 @@ export class NativeEngine implements Engine {
     };
     const t0 = performance.now();
     try {
-      await this.runc.checkpoint(rid, { imagePath: opts.imageDir, workPath, leaveRunning: opts.leaveRunning, signal: opts.signal });
+      await this.runc.checkpoint(rid, { imagePath: opts.imageDir, workPath, leaveRunning: opts.leaveRunning, tcpEstablished: this.#tcpEstablished, signal: opts.signal });
     } catch (err) {
       await resumeGpu('a failed checkpoint').catch(() => undefined);
       throw err;

@@ -48,6 +48,7 @@ export async function openRuntime(config: ThawConfig, log: Logger): Promise<Runt
         namespace,
         gpu: gpu(),
         lazyPages: config.restore.lazyPages,
+        tcpEstablished: config.runc.tcpEstablished,
       });
     }
     if (e) cache.set(k, e);

@@ -243,7 +243,8 @@ t.test('restore: cgroup-root for CRIU only during runc restore, then the GPU get
   const rid = runtimeIdFor('copy');
   const cdir = containerDir('copy');
   t.same(calls().slice(0, 1), [
-    ['restore', '--detach', '--image-path', image, '--work-path', join(cdir, 'restore-work'), '--bundle', join(cdir, 'bundle'), '--pid-file', join(cdir, 'init.pid'), rid],
+    // --tcp-established always: connections a checkpoint took (runc.tcpEstablished) must come back.
+    ['restore', '--detach', '--image-path', image, '--work-path', join(cdir, 'restore-work'), '--bundle', join(cdir, 'bundle'), '--pid-file', join(cdir, 'init.pid'), '--tcp-established', rid],
   ]);
   t.equal(readFileSync(join(ctl, 'captured', 'restore.criu.conf'), 'utf8'), `cgroup-root /thaw/${rid}\n`, 'CRIU restores into the new container’s cgroup');
   t.notOk(existsSync(join(cdir, 'criu.conf')), 'and the config is gone afterwards');
@@ -577,7 +578,7 @@ t.test('lazy restore: runc restore --lazy-pages in its own work dir, CUDA restor
   const rid = runtimeIdFor('lz');
   const cdir = containerDir('lz');
   const work = join(cdir, 'restore-work-lazy');
-  t.same(calls()[0], ['restore', '--detach', '--image-path', image, '--work-path', work, '--bundle', join(cdir, 'bundle'), '--pid-file', join(cdir, 'init.pid'), '--lazy-pages', rid]);
+  t.same(calls()[0], ['restore', '--detach', '--image-path', image, '--work-path', work, '--bundle', join(cdir, 'bundle'), '--pid-file', join(cdir, 'init.pid'), '--lazy-pages', '--tcp-established', rid]);
   t.equal(calls().filter((c) => c[0] === 'restore').length, 1, 'one restore');
   t.equal(readFileSync(join(ctl, 'captured', 'restore.criu.conf'), 'utf8'), `cgroup-root /thaw/${rid}\n`, 'CRIU restores into the new cgroup');
   t.notOk(existsSync(join(cdir, 'criu.conf')), 'config gone afterwards');
@@ -767,4 +768,23 @@ t.test('selfVerifiedFiles: the page images when lazy pages will be used, nothing
   t.same((await on.engine.selfVerifiedFiles(files)).map((f) => f.path), ['image/pages-1.img', 'image/pages-12.img']);
   const off = setup(t, { lazyPages: 'off', lazyPagesTuning: { ...NO_ADDON_NEEDED } });
   t.same(await off.engine.selfVerifiedFiles(files), [], 'off: the lifecycle verifies everything itself');
+});
+
+t.test('runc.tcpEstablished: checkpoints take established TCP connections only when configured', async (t) => {
+  for (const [tcpEstablished, want] of [
+    [undefined, false],
+    [true, true],
+  ] as const) {
+    const { engine, plan, calls, bundle, dir } = setup(t, tcpEstablished === undefined ? {} : { tcpEstablished });
+    plan('create', { files: { 'pid-file': `${liveProcess(t)}\n` } });
+    plan('ps', { stdout: '[101]' });
+    plan('version', { stdout: 'runc version 1.1.5+ds1\ncommit: x\nspec: 1.0.2-dev\n' });
+    await engine.create({ id: 'tcp', bundle, stdio: ['ignore', 'ignore', 'ignore'] });
+    const image = join(dir, 'img');
+    mkdirSync(image);
+    await engine.checkpoint('tcp', { imageDir: image, leaveRunning: true });
+    const checkpoint = calls().find((c) => c[0] === 'checkpoint');
+    t.equal(checkpoint?.includes('--tcp-established'), want, `tcpEstablished ${tcpEstablished}: --tcp-established ${want ? 'passed' : 'not passed'}`);
+    await engine.delete('tcp', { force: true });
+  }
 });
