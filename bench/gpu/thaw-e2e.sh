@@ -9,7 +9,10 @@
 # (kv-release, as vLLM's /sleep) and re-creates it after the restore (kv-reacquire, as /wake_up), inside
 # the timed restore-to-first-request; LAZY=auto|on|off sets the native engine's restore.lazyPages;
 # GPUS=N spreads pattern mode's chunks over N GPUs (one process, a CUDA context per GPU); PROCS=N runs
-# one process per GPU instead (as tensor parallelism does), GIB split evenly;
+# one process per GPU instead (as tensor parallelism does), GIB split evenly; with PROCS, NCCL=1 joins the
+# ranks in an NCCL process group that is destroyed before the checkpoint (nccl-down) and formed again after
+# the restore (nccl-up, inside the timed restore-to-first-request): the driver does not restore NCCL's peer
+# memory (docs/bench/gpu.md, "NCCL");
 # DROP=1 drops the page cache before the restore; ENGINE=gvisor runs it under runsc with nvproxy
 # (RUNC and CRIU are then unused) — only where runsc's nvproxy supports the host driver.
 #
@@ -32,7 +35,7 @@
 # restore; each restore is checked bit-exact.
 set -u
 ENGINE=${ENGINE:-native}
-KV=${KV:-keep} KVGIB=${KVGIB:-0} LAZY=${LAZY:-} ROUTE=${ROUTE:-driver} REPS=${REPS:-1} QUEUE=${QUEUE:-0} PRE=${PRE:-}
+NCCL=${NCCL:-0} KV=${KV:-keep} KVGIB=${KVGIB:-0} LAZY=${LAZY:-} ROUTE=${ROUTE:-driver} REPS=${REPS:-1} QUEUE=${QUEUE:-0} PRE=${PRE:-}
 CACHES=${CACHES:-$([ "${DROP:-0}" = 1 ] && echo cold || echo warm)}
 case "$ROUTE" in driver|park|park-unreg) ;; *) echo "unknown ROUTE $ROUTE"; exit 2 ;; esac
 NODE=$1 THAW_JS=$2 RUNC=$3 CRIU=$4 TC=$5 PY=$6 BINDS=$7 MODE=$8 GIB=$9 OUT=${10}
@@ -60,14 +63,14 @@ cp bench/gpu/workload.py "$W/workload.py"
 cat > "$W/thaw.json" <<JSON
 {"stateDir": "$W/state", "store": {"path": "$W/store"}, "engine": "$ENGINE",
  "runsc": {"flags": {"nvproxy": "true", "nvproxy-docker": "true"}},
- "runc": {"path": "$RUNC", "criuPath": "$CRIU"}, "gpu": {"cudaCheckpointPath": "$TC"}, "restore": {"verify": true${LAZY:+, \"lazyPages\": \"$LAZY\"}}}
+ "runc": {"path": "$RUNC", "criuPath": "$CRIU", "tcpEstablished": $([ "$NCCL" = 1 ] && echo true || echo false)}, "gpu": {"cudaCheckpointPath": "$TC"}, "restore": {"verify": true${LAZY:+, \"lazyPages\": \"$LAZY\"}}}
 JSON
 sed 's/"verify": true/"verify": false/' "$W/thaw.json" > "$W/thaw-nv.json"  # for CACHES tokens ending in -nv
 # The bundle: an overlay of the host's / (python + torch), the driver and /dev/nvidia* devices. The
 # image digest annotation gives the snapshot key an image identity, so no rootfs walk of / is needed.
-"$PY" - "$W" "$PY" "$MODE" "$GIB" "$BINDS" "$KVGIB" "$ENGINE" "${GPUS:-1}" "${PROCS:-1}" <<'PYEOF'
+"$PY" - "$W" "$PY" "$MODE" "$GIB" "$BINDS" "$KVGIB" "$ENGINE" "${GPUS:-1}" "${PROCS:-1}" "$NCCL" <<'PYEOF'
 import json, os, stat, sys
-w, py, mode, gib, binds, kvgib, engine, gpus, procs = sys.argv[1:10]
+w, py, mode, gib, binds, kvgib, engine, gpus, procs, nccl = sys.argv[1:11]
 nodes = []
 for n in sorted(os.listdir("/dev")):
     p = "/dev/" + n
@@ -91,7 +94,7 @@ for b in filter(None, binds.split(",")):
 spec = {
     "ociVersion": "1.0.2",
     "process": {"terminal": False, "user": {"uid": 0, "gid": 0},
-                "args": [py, w + "/workload.py", "--ctl", w + "/ctl", "--mode", mode, "--gib", gib, "--kv-gib", kvgib, "--gpus", gpus, "--procs", procs],
+                "args": [py, w + "/workload.py", "--ctl", w + "/ctl", "--mode", mode, "--gib", gib, "--kv-gib", kvgib, "--gpus", gpus, "--procs", procs, "--nccl", nccl],
                 "env": env, "cwd": "/tmp", "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
                 "noNewPrivileges": True},
     "root": {"path": "rootfs", "readonly": False},
@@ -103,6 +106,13 @@ spec = {
               "devices": nodes,
               "resources": {"devices": [{"allow": False, "access": "rwm"}] + [{"allow": True, "type": "c", "major": n["major"], "minor": n["minor"], "access": "rwm"} for n in nodes]}},
 }
+if nccl == "1":
+    # The ranks' loopback TCP connections are dumped (runc.tcpEstablished); CRIU then locks the network
+    # with iptables, which this host lacks: runc's per-container CRIU config skips the lock (both
+    # ends of every connection are frozen in the same dump).
+    with open(w + "/criu.conf", "w") as f:
+        f.write("network-lock skip\n")
+    spec["annotations"]["org.criu.config"] = w + "/criu.conf"
 json.dump(spec, open(w + "/bundle/config.json", "w"), indent=1)
 PYEOF
 T="$NODE $THAW_JS --config $W/thaw.json --json --log-level warn"
@@ -113,6 +123,11 @@ t0=$(ts); $T run --bundle "$W/bundle" --id gpu1 --detach --output "$W/c1.log" | 
 wait_ready || { cat "$W/c1.log"; exit 1; }; t1=$(ts); echo "cold start to ready: $(dt $t0 $t1) s"
 send ping; send verify > "$OUT/verify-before.json"; cat "$OUT/verify-before.json"
 if [ "$KV" = discard ]; then echo "=== kv-release before the checkpoint"; send kv-release > "$OUT/kv-release.json"; cat "$OUT/kv-release.json"; fi
+if [ "$NCCL" = 1 ]; then
+  echo "=== nccl-down: the process group destroyed before the checkpoint"
+  send nccl-down > "$OUT/nccl-down.json"; cat "$OUT/nccl-down.json"
+  grep -q '"ok": true' "$OUT/nccl-down.json" || exit 1
+fi
 if [ "$ROUTE" != driver ]; then
   echo "=== $ROUTE: weights to pinned host memory before the checkpoint"
   send "$ROUTE" > "$OUT/park.json"; cat "$OUT/park.json"
@@ -131,11 +146,12 @@ for r in $(seq 1 "$REPS"); do
     case "$cache" in cold*) sync; echo 3 > /proc/sys/vm/drop_caches; echo "page cache dropped" ;; esac
     echo "=== thaw run again: restore $CUR ($ROUTE, $cache cache)"
     : > "$W/ctl/events.jsonl"
-    nkv= nun=
+    nkv= nun= nnccl=
     timed() {  # the commands a restore is timed by
       local c; for c in $PRE; do queue "$c"; done
       [ "$KV" = discard ] && { queue kv-reacquire; nkv=$n; }
       [ "$ROUTE" != driver ] && { queue unpark; nun=$n; }
+      [ "$NCCL" = 1 ] && { queue nccl-up; nnccl=$n; }
       queue ping; nping=$n
     }
     [ "$QUEUE" = 1 ] && timed
@@ -148,11 +164,12 @@ for r in $(seq 1 "$REPS"); do
     grep -E '"(native restore done|anonymous memory restored by the page server|restore failed, cold start)"' "$OUT/thaw-run-$CUR.log" | cut -c1-600
     [ -n "$nkv" ] && answer "$nkv" kv-reacquire > "$OUT/kv-reacquire-$CUR.json"
     [ -n "$nun" ] && { answer "$nun" unpark > "$OUT/unpark-$CUR.json"; cat "$OUT/unpark-$CUR.json"; }
+    [ -n "$nnccl" ] && { answer "$nnccl" nccl-up > "$OUT/nccl-up-$CUR.json"; cat "$OUT/nccl-up-$CUR.json"; }
     answer "$nping" ping > "$OUT/ping-$CUR.json"; cat "$OUT/ping-$CUR.json"
     send verify > "$OUT/verify-$CUR.json"; cat "$OUT/verify-$CUR.json"
     [ "$ROUTE" != driver ] && { send park-free > "$OUT/park-free-$CUR.json"; cat "$OUT/park-free-$CUR.json"; }
     [ -f "$OUT/verify-after.json" ] || cp "$OUT/verify-$CUR.json" "$OUT/verify-after.json"
-    "$PY" - "$OUT" "$CUR" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "MODE=$MODE GIB=$GIB KVGIB=$KVGIB KV=$KV LAZY=${LAZY:-default} ROUTE=$ROUTE CACHE=${cache%-nv} REP=$r QUEUE=$QUEUE VERIFY=$verify" <<'PYEOF'
+    "$PY" - "$OUT" "$CUR" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "MODE=$MODE GIB=$GIB KVGIB=$KVGIB KV=$KV LAZY=${LAZY:-default} ROUTE=$ROUTE CACHE=${cache%-nv} REP=$r QUEUE=$QUEUE VERIFY=$verify NCCL=$NCCL PROCS=${PROCS:-1}" <<'PYEOF'
 import json, os, sys
 out, cur = sys.argv[1], sys.argv[2]
 t0, t1, t2, t3, t4, t5 = map(float, sys.argv[3:9])

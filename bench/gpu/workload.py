@@ -68,6 +68,9 @@ def main():
     ap.add_argument("--procs", type=int, default=1,
                     help="pattern mode: one process per GPU (as tensor parallelism runs), --gib split evenly; "
                          "the first process serves the commands and relays ping/verify to the others")
+    ap.add_argument("--nccl", type=int, default=0,
+                    help="with --procs: the ranks form an NCCL process group (all-reduce checked at load); "
+                         "`nccl-down` destroys it before a checkpoint, `nccl-up` forms it again after a restore")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--weights", default="")
     # A KV-cache-like buffer (default 2 GiB for qwen, none for pattern) that `kv-release` frees and
@@ -125,6 +128,7 @@ def rank_args(args, rank):
     """Process `rank` of --procs: its share of the bytes, its own seeds, one GPU."""
     a = argparse.Namespace(**vars(args))
     a.gib, a.seed, a.gpus, a.procs, a.kv_gib = args.gib / args.procs, args.seed + 7919 * rank, 1, 1, 0.0
+    a.world = args.procs  # the number of ranks, for --nccl
     return a
 
 
@@ -143,31 +147,87 @@ def rank_main(conn, args, rank):
     import torch
 
     w = load_rank(torch, args, rank)
-    conn.send({"ok": True, "rank": rank, "pid": os.getpid(), "gpuBytes": w.gpu_bytes()})
+    nccl = NcclGroup(torch, args, rank) if args.nccl else None
+    conn.send({"ok": True, "rank": rank, "pid": os.getpid(), "gpuBytes": w.gpu_bytes(), "nccl": nccl.check() if nccl else None})
     while True:
         try:
             cmd = conn.recv()
         except EOFError:
             return
         try:
-            res = w.ping() if cmd == "ping" else w.verify() if cmd == "verify" else {"ok": False, "error": f"{cmd!r} is not relayed"}
+            if cmd in ("nccl-down", "nccl-up") and nccl is not None:
+                res = nccl.down() if cmd == "nccl-down" else nccl.up()
+            else:
+                res = w.ping() if cmd == "ping" else w.verify() if cmd == "verify" else {"ok": False, "error": f"{cmd!r} is not relayed"}
         except Exception as e:
             res = {"ok": False, "error": repr(e)}
         res["rank"] = rank
         conn.send(res)
 
 
+class NcclGroup:
+    """--nccl: this rank's membership of the ranks' NCCL process group (file store in --ctl)."""
+
+    def __init__(self, torch, args, rank):
+        import torch.distributed as dist
+
+        self.torch, self.dist, self.args, self.rank, self.generation = torch, dist, args, rank, 0
+        self._init()
+
+    def _init(self):
+        self.generation += 1
+        store = os.path.join(self.args.ctl, f"nccl-store-{self.generation}")
+        self.dist.init_process_group("nccl", init_method=f"file://{store}", rank=self.rank, world_size=self.args.world)
+
+    def check(self):
+        """One all-reduce (64 MiB) whose sum every rank knows."""
+        t0 = now()
+        x = self.torch.full((16 << 20,), float(self.rank + 1), device=f"cuda:{self.rank}")
+        self.dist.all_reduce(x)
+        self.torch.cuda.synchronize()
+        want = self.args.world * (self.args.world + 1) / 2
+        return {"ok": bool((x == want).all()), "allReduceS": round(now() - t0, 3)}
+
+    def down(self):
+        """Before a checkpoint: the driver will not restore NCCL's peer memory (docs/bench/gpu.md, NCCL)."""
+        t0 = now()
+        self.dist.destroy_process_group()
+        self.torch.cuda.synchronize()
+        return {"ok": True, "rank": self.rank, "downS": round(now() - t0, 3)}
+
+    def up(self):
+        """After a restore: the group formed again, checked with an all-reduce."""
+        t0 = now()
+        self._init()
+        res = self.check()
+        res.update({"rank": self.rank, "upS": round(now() - t0, 3)})
+        return res
+
+
 class RankGroup:
     """The first process of --procs: its own Workload on GPU 0, ping/verify relayed to the others."""
 
-    def __init__(self, own, conns):
-        self.own, self.conns = own, conns
+    def __init__(self, own, conns, nccl=None):
+        self.own, self.conns, self.nccl = own, conns, nccl
 
     def _all(self, cmd, mine):
         for c in self.conns:
             c.send(cmd)
         results = [mine] + [c.recv() for c in self.conns]
         return {"ok": all(r.get("ok") for r in results), "ranks": results}
+
+    def _collective(self, cmd, mine):
+        """A command every rank must run at once (NCCL): the others get it before this one runs it."""
+        for c in self.conns:
+            c.send(cmd)
+        results = [mine()] + [c.recv() for c in self.conns]
+        return {"ok": all(r.get("ok") for r in results), "ranks": results}
+
+    def nccl_down(self):
+        return self._collective("nccl-down", self.nccl.down)
+
+    def nccl_up(self):
+        return self._collective("nccl-up", self.nccl.up)
 
     def ping(self):
         return self._all("ping", self.own.ping())
@@ -191,10 +251,13 @@ def main_procs(args, torch):
         conns.append(parent)
         procs.append(p)
     own = load_rank(torch, rank_args(args, 0), 0)
+    nccl = NcclGroup(torch, rank_args(args, 0), 0) if args.nccl else None
+    own_nccl = nccl.check() if nccl else None
     ranks = [c.recv() for c in conns]
     event(args.ctl, "ready", exec=T_EXEC, totalS=round(now() - T_EXEC, 3), procs=args.procs,
-          gpuBytes=own.gpu_bytes() + sum(r["gpuBytes"] for r in ranks), pids=[os.getpid()] + [r["pid"] for r in ranks])
-    serve(args.ctl, RankGroup(own, conns))
+          gpuBytes=own.gpu_bytes() + sum(r["gpuBytes"] for r in ranks), pids=[os.getpid()] + [r["pid"] for r in ranks],
+          nccl=[own_nccl] + [r["nccl"] for r in ranks] if nccl else None)
+    serve(args.ctl, RankGroup(own, conns, nccl))
 
 
 class Workload:
@@ -598,6 +661,10 @@ def serve(ctl, w):
                     res = w.unpark()
                 elif cmd == "park-free":
                     res = w.park_free()
+                elif cmd == "nccl-down":
+                    res = w.nccl_down()
+                elif cmd == "nccl-up":
+                    res = w.nccl_up()
                 elif cmd == "exit":
                     res = {"ok": True}
                 else:
