@@ -34,7 +34,7 @@ uname -r; nproc; free -g | head -2; df -h /tmp /dev/shm | tail -2
 cat /sys/kernel/mm/transparent_hugepage/enabled; stat -fc %T /sys/fs/cgroup
 findmnt -no SOURCE,FSTYPE / ; findmnt -no SOURCE,FSTYPE /tmp || true
 
-step "prefix: criu 4.1.1 + runc 1.1.5"
+step "prefix: criu (from .gpu/debs) + runc 1.1.5"
 rm -rf "$P"; mkdir -p "$P"
 for d in .gpu/debs/*.deb; do dpkg -x "$d" "$P"; done
 cat > "$P/criu.sh" <<EOF
