@@ -104,3 +104,14 @@ export function cgroupProcs(dirs: readonly string[]): number[] {
   }
   return [...pids];
 }
+
+/** Whether a process with this pid exists (signal 0; EPERM means it exists but is not ours). */
+export function pidExists(pid: number): boolean {
+  if (!Number.isInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

@@ -6,6 +6,7 @@ import { promisify } from 'node:util';
 import { parseShimArgs, type ShimFlags } from '../cli/shim-flags.js';
 import { isShimError, ShimError } from '../errors.js';
 import { silentLogger, type Logger } from '../log/logger.js';
+import { pidExists as isAlive } from '../procfs.js';
 import type { StartPlan } from './manager.js';
 import type { ShimServer } from './serve.js';
 
@@ -372,12 +373,3 @@ function parseEnv(entries: readonly string[]): Record<string, string> {
   return env;
 }
 
-function isAlive(pid: number): boolean {
-  if (!Number.isInteger(pid) || pid <= 0) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}

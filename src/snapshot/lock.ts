@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { unlinkSync } from 'node:fs';
 import { link, open, readFile, rename, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import { pidExists } from '../procfs.js';
 
 /**
  * Cross-process lock files: `<dir>/<name>.lock` holding the owner's pid, the owner's start time and
@@ -175,7 +176,7 @@ async function readLockOwner(path: string): Promise<LockOwner | 'missing' | 'unr
 export async function isOwnerAlive(owner: Pick<LockOwner, 'pid' | 'startTime'>): Promise<boolean> {
   if (owner.pid <= 0) return false;
   const stat = await readProcStat(owner.pid);
-  if (stat === 'no-proc') return signalZeroAlive(owner.pid);
+  if (stat === 'no-proc') return pidExists(owner.pid);
   if (stat === undefined) return false;
   if (stat.state === 'Z' || stat.state === 'X') return false;
   return owner.startTime === '' || stat.startTime === owner.startTime;
@@ -219,15 +220,6 @@ function procMounted(): Promise<boolean> {
     () => false,
   );
   return procCheck;
-}
-
-function signalZeroAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 function ignoreMissing(err: unknown): void {

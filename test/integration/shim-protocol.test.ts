@@ -19,6 +19,7 @@ import { TaskOOMSchema } from '../../src/gen/containerd/events/task_pb.js';
 import { DeleteResponseSchema, Task } from '../../src/gen/containerd/task/v2/shim_pb.js';
 import { Publisher } from '../../src/task/publisher.js';
 import { TtrpcClient } from '../../src/ttrpc/client.js';
+import { pidExists as alive } from '../../src/procfs.js';
 
 const repo = fileURLToPath(new URL('../../', import.meta.url));
 const SHIM = 'containerd-shim-thaw-v2';
@@ -81,14 +82,6 @@ function deleteRunning(id: string): boolean {
   return false;
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** containerd's convention: sha256(filepath.Join(grpcAddress, ns, group)) under /run/containerd/s. */
 function expectedAddress(grpcAddress: string, ns: string, group: string): string {

@@ -16,6 +16,7 @@ import t, { type Test } from 'tap';
 import { binDirOf, liveSpares, spareRegistry } from '../../src/shim/spare.js';
 import { buildThawBinaries, ContainerdHarness, containerdVersions, integrationSkipReason, SHIM_BINARY, until, type ContainerdVersion } from '../helpers/containerd.js';
 import { buildOciImage, buildRootfs, imageToolsMissing } from '../helpers/oci-image.js';
+import { pidExists as isAlive } from '../../src/procfs.js';
 
 const IMAGE = 'localhost/thaw-it-spare:1';
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -139,11 +140,3 @@ async function spares(t: Test, version: ContainerdVersion): Promise<void> {
   });
 }
 
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}

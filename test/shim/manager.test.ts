@@ -15,6 +15,7 @@ import { socketPathOf } from '../../src/shim/socket.js';
 import { TtrpcClient } from '../../src/ttrpc/client.js';
 import { encodeAny, packAny } from '../../src/wire/any.js';
 import { fromTimestamp } from '../../src/wire/timestamp.js';
+import { pidExists as alive } from '../../src/procfs.js';
 
 const repo = fileURLToPath(new URL('../../', import.meta.url));
 // Run `serve` from the TypeScript sources through the same loader tap uses.
@@ -25,14 +26,6 @@ const READY_MS = 60_000;
 
 const flags = { namespace: 'default', address: '/run/containerd/containerd.sock', publishBinary: '/usr/bin/containerd', debug: false };
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 async function until(cond: () => boolean, timeoutMs = 10_000): Promise<void> {
   const end = Date.now() + timeoutMs;

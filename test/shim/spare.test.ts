@@ -13,6 +13,7 @@ import { ShimError } from '../../src/errors.js';
 import type { StartPlan } from '../../src/shim/manager.js';
 import type { ShimServer } from '../../src/shim/serve.js';
 import { adoptEnvironment, binDirOf, ensureSpare, handleClaim, liveSpares, SpareSlot, spareRegistry, type ClaimDeps, type SpareClaim, type SpareStatus } from '../../src/shim/spare.js';
+import { pidExists as isAlive } from '../../src/procfs.js';
 
 const REPO_LAUNCHER = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'bin', 'containerd-shim-thaw-v2');
 const START_FLAGS = ['-namespace', 'ns1', '-address', '/run/containerd/containerd.sock', '-publish-binary', '/usr/bin/containerd', '-id', 'c1'];
@@ -218,14 +219,6 @@ async function waitFor(cond: () => boolean, timeoutMs = 10_000): Promise<void> {
   }
 }
 
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 t.test('handleClaim: what a claim makes of the spare', async (t) => {
   const savedEnv = { ...process.env } as Record<string, string>;
