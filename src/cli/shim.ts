@@ -2,8 +2,6 @@
  * containerd-shim-thaw-v2: parses Go-style flags and runs one verb, importing only its module —
  * containerd execs `start` and `delete` as short-lived processes.
  */
-import { readdirSync } from 'node:fs';
-import { setPriority } from 'node:os';
 import type { Logger } from '../log/logger.js';
 import type { ServeFlags } from '../shim/manager.js';
 import type { ShimServer } from '../shim/serve.js';
@@ -159,27 +157,23 @@ async function runSpare(): Promise<never> {
   await Promise.all([import('../shim/serve.js'), import('../log/logger.js'), import('../task/lazy-service.js'), import('../runsc/reaper.js')]);
   (await import('../runsc/reaper-native.js')).loadReaperAddon(); // dlopen now; enableChildReaper then finds it loaded
   const binDir = spare.binDirOf(process.argv[1]!);
-  const stamp = spare.codeStampOf(binDir);
+  const code = new spare.CodeStamp(binDir);
   const slot = await spare.SpareSlot.register(spare.spareRegistry(binDir));
   if (slot === undefined) process.exit(0); // another spare waits already
   void import('../task/service.js').catch(() => undefined);
-  // A spare of code that was rebuilt or removed (a test build) leaves instead of waiting forever.
-  const watchCode = (): NodeJS.Timeout =>
-    setInterval(() => {
-      if (spare.codeStampOf(binDir) !== stamp) void slot.retire().then((gone) => gone && process.exit(0), () => process.exit(1));
-    }, SPARE_CODE_CHECK_MS);
-  let watchdog = watchCode();
   const logFdFor = (bundle: string): number => manager.openShimLog(bundle) ?? 2;
   for (;;) {
+    // A spare of code that was rebuilt or removed (a test build) leaves instead of waiting forever.
+    const stopWatching = spare.retireWhenCodeChanges(slot, code, () => process.exit(0));
     const claim = await slot.waitForClaim().catch(() => undefined); // a broken claim: `start` goes on without us
+    stopWatching();
     if (claim === undefined) process.exit(0);
-    clearInterval(watchdog);
     const outcome = await spare.handleClaim(claim, {
-      codeUnchanged: () => spare.codeStampOf(binDir) === stamp,
+      codeUnchanged: () => code.unchanged(),
       planStart: manager.planStart,
       writeStartFiles: manager.writeStartFiles,
       serve: (plan, bundle) => serveShim(plan.serveFlags, { logFd: logFdFor(bundle), runtimeOptions: plan.runtimeOptions }),
-      onAccepted: resetPriority,
+      onAccepted: spare.takeNormalPriority,
       binary: BINARY,
     });
     if (outcome.kind === 'exit') process.exit(outcome.code);
@@ -188,27 +182,6 @@ async function runSpare(): Promise<never> {
       process.exit(outcome.server.shutdown.failures.length === 0 ? 0 : 1);
     }
     await slot.reregister();
-    watchdog = watchCode();
-  }
-}
-
-/** How often a waiting spare checks that its code is still what it booted. */
-const SPARE_CODE_CHECK_MS = 30_000;
-
-/** A spare boots at nice 19 (ensureSpare); claimed, each of its threads takes normal priority back. */
-function resetPriority(): void {
-  let threads: string[];
-  try {
-    threads = readdirSync('/proc/self/task');
-  } catch {
-    threads = [String(process.pid)];
-  }
-  for (const tid of threads) {
-    try {
-      setPriority(Number(tid), 0);
-    } catch {
-      // not permitted (an unprivileged containerd): the server runs niced
-    }
   }
 }
 

@@ -1,6 +1,7 @@
 import { execFile, spawn } from 'node:child_process';
-import { constants as fsConstants, realpathSync, statSync } from 'node:fs';
+import { constants as fsConstants, readdirSync, realpathSync, statSync } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
+import { setPriority } from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { parseShimArgs, type ShimFlags } from '../cli/shim-flags.js';
@@ -66,13 +67,64 @@ export function spareRegistry(binDir: string, root = SPARE_ROOT): string {
 }
 
 /**
- * What the code a spare booted is, as bin/launch.mjs chooses it (the bundle or tsc's output, by
- * mtime): a spare whose code was rebuilt since it booted declines and exits instead of serving
+ * The code a spare booted, as bin/launch.mjs chooses it (the bundle or tsc's output, by mtime): a
+ * spare whose code was rebuilt (or removed) since it booted declines and exits instead of serving
  * old code.
  */
-export function codeStampOf(binDir: string): string {
-  const mtime = (rel: string): number => statSync(path.join(binDir, rel), { throwIfNoEntry: false })?.mtimeMs ?? -1;
-  return `${mtime('../dist/bundle/shim.js')}:${mtime('../dist/src/cli/shim.js')}`;
+export class CodeStamp {
+  readonly #binDir: string;
+  readonly #booted: string;
+
+  constructor(binDir: string) {
+    this.#binDir = binDir;
+    this.#booted = this.#now();
+  }
+
+  unchanged(): boolean {
+    return this.#now() === this.#booted;
+  }
+
+  #now(): string {
+    const mtime = (rel: string): number => statSync(path.join(this.#binDir, rel), { throwIfNoEntry: false })?.mtimeMs ?? -1;
+    return `${mtime('../dist/bundle/shim.js')}:${mtime('../dist/src/cli/shim.js')}`;
+  }
+}
+
+/** How often a waiting spare checks that its code is still what it booted. */
+const CODE_CHECK_MS = 30_000;
+
+/**
+ * While a spare waits: retires it and calls `gone` once its code changed (a claim that came first
+ * wins: retire() then finds the spare claimed). Returns the function that stops the watch.
+ */
+export function retireWhenCodeChanges(slot: SpareSlot, code: CodeStamp, gone: () => void, intervalMs = CODE_CHECK_MS): () => void {
+  const timer = setInterval(() => {
+    if (code.unchanged()) return;
+    clearInterval(timer);
+    void slot.retire().then(
+      (retired) => retired && gone(),
+      () => gone(),
+    );
+  }, intervalMs);
+  timer.unref();
+  return () => clearInterval(timer);
+}
+
+/** A spare boots at nice 19 (ensureSpare); claimed, each of its threads takes normal priority back. */
+export function takeNormalPriority(): void {
+  let threads: string[];
+  try {
+    threads = readdirSync('/proc/self/task');
+  } catch {
+    threads = [String(process.pid)];
+  }
+  for (const tid of threads) {
+    try {
+      setPriority(Number(tid), 0);
+    } catch {
+      // not permitted (an unprivileged containerd): the server runs niced
+    }
+  }
 }
 
 /** One spare's place in the registry, from registration until it is claimed or retires. */

@@ -4,7 +4,7 @@
  * claims it. The launcher is copied into a temporary bin/ so that its registry is the test's own.
  */
 import { spawn } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -12,7 +12,20 @@ import t, { type Test } from 'tap';
 import { ShimError } from '../../src/errors.js';
 import type { StartPlan } from '../../src/shim/manager.js';
 import type { ShimServer } from '../../src/shim/serve.js';
-import { adoptEnvironment, binDirOf, ensureSpare, handleClaim, liveSpares, SpareSlot, spareRegistry, type ClaimDeps, type SpareClaim, type SpareStatus } from '../../src/shim/spare.js';
+import {
+  adoptEnvironment,
+  binDirOf,
+  CodeStamp,
+  ensureSpare,
+  handleClaim,
+  liveSpares,
+  retireWhenCodeChanges,
+  SpareSlot,
+  spareRegistry,
+  type ClaimDeps,
+  type SpareClaim,
+  type SpareStatus,
+} from '../../src/shim/spare.js';
 import { pidExists as isAlive } from '../../src/procfs.js';
 
 const REPO_LAUNCHER = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'bin', 'containerd-shim-thaw-v2');
@@ -272,4 +285,27 @@ t.test('handleClaim: what a claim makes of the spare', async (t) => {
 
   const raced = await run(start, { serve: async () => Promise.reject(new ShimError('AlreadyExists', 'a shim server already listens')) });
   t.same([raced.outcome, raced.answers, raced.files], [{ kind: 'exit', code: 0 }, [['ok', 'unix:///s/x']], [['unix:///s/x', undefined]]], 'lost the race for the socket: the winner serves');
+});
+
+t.test('a waiting spare whose code is rebuilt retires itself', async (t) => {
+  const inst = install(t);
+  const root = dirname(dirname(inst.launcher));
+  mkdirSync(join(root, 'dist', 'bundle'), { recursive: true });
+  const bundleFile = join(root, 'dist', 'bundle', 'shim.js');
+  writeFileSync(bundleFile, '// v1');
+  const code = new CodeStamp(dirname(inst.launcher));
+  t.ok(code.unchanged());
+  const slot = await SpareSlot.register(inst.registry);
+  const waiting = slot!.waitForClaim();
+  let gone = false;
+  const stop = retireWhenCodeChanges(slot!, code, () => (gone = true), 20);
+  await new Promise((r) => setTimeout(r, 100));
+  t.notOk(gone, 'nothing happens while the code stays');
+  const later = new Date(Date.now() + 5000);
+  utimesSync(bundleFile, later, later);
+  t.notOk(code.unchanged(), 'a rebuilt bundle is another stamp');
+  await waitFor(() => gone);
+  t.equal(await waiting, undefined, 'the pending wait ends without a claim');
+  t.same(await liveSpares(inst.registry), [], 'out of the registry');
+  stop();
 });
