@@ -195,7 +195,7 @@ export async function collectKeyInputs(opts: CollectKeyInputsOptions): Promise<K
     },
     mounts,
     image: { name, digest, labels, rootfs },
-    cpu: opts.cpu ?? (await cpuIdentity()),
+    cpu: opts.cpu ?? (await hostCpuIdentity()),
     gpu: opts.gpu === null ? null : { ...opts.gpu },
     ignoredEnv: ignored,
   };
@@ -274,6 +274,14 @@ function relativeInRoot(p: string): string {
 }
 
 /** CPU vendor, model and feature flags of the first processor in /proc/cpuinfo. */
+/** The host's CPU identity, read once per process: it is on the path of every Create and restore. */
+let hostCpu: Promise<CpuIdentity> | undefined;
+function hostCpuIdentity(): Promise<CpuIdentity> {
+  hostCpu ??= cpuIdentity();
+  hostCpu.catch(() => (hostCpu = undefined)); // a failed read is tried again next time
+  return hostCpu;
+}
+
 export async function cpuIdentity(cpuinfoPath = '/proc/cpuinfo'): Promise<CpuIdentity> {
   let text = '';
   try {
