@@ -112,6 +112,11 @@ async function bench(h: ContainerdHarness, runs: number): Promise<Record<string,
   }
   const thaw = stats(samples.thaw);
   const runc = stats(samples.runc);
+  // A container the Node `start` launched a server for logs "shim server started"; one a spare took does not.
+  const nodeStarted = new Set(
+    [...h.log.matchAll(/"id":"(bench-thaw-\d+)"[^\n]*"msg":"shim server started"/g)].map((m) => m[1]),
+  );
+  const servedBySpare = samples.thaw.length - [...nodeStarted].filter((id) => id !== 'bench-thaw-0').length;
 
   // RSS of each shim while a container runs.
   const rss: Record<string, number | undefined> = {};
@@ -165,7 +170,7 @@ async function bench(h: ContainerdHarness, runs: number): Promise<Record<string,
       thaw: `ctr run --rm --runtime ${THAW_RUNTIME} --runtime-config-path CONFIG ${IMAGE} ID`,
       runc: `ctr run --rm --runc-binary WRAPPER --runc-root DIR ${IMAGE} ID   (WRAPPER: exec runsc --network=none --platform=systrap "$@")`,
     },
-    ctrRunRm: { thaw, runcShimWithRunsc: runc, ratio: Number((thaw.medianMs / runc.medianMs).toFixed(2)) },
+    ctrRunRm: { thaw, runcShimWithRunsc: runc, ratio: Number((thaw.medianMs / runc.medianMs).toFixed(2)), thawRunsServedBySpare: servedBySpare },
     rss,
     processes,
   };
