@@ -623,7 +623,29 @@ class CpuWorkload:
         return {"ok": ok, "bad": [] if ok else ["data"], "verifyS": round(now() - t0, 3)}
 
 
+def sync(w):
+    """A bare CUDA call (cudaDeviceSynchronize)."""
+    if hasattr(w, "torch"):
+        w.torch.cuda.synchronize()
+    return {"ok": True}
+
+
 def serve(ctl, w):
+    # Looked up at call time: a workload without a method answers that command with its error.
+    commands = {
+        "ping": lambda: w.ping(),
+        "sync": lambda: sync(w),
+        "verify": lambda: w.verify(),
+        "kv-release": lambda: w.kv_release(),
+        "kv-reacquire": lambda: w.kv_reacquire(),
+        "park": lambda: w.park(keep_registered=True),
+        "park-unreg": lambda: w.park(keep_registered=False),
+        "unpark": lambda: w.unpark(),
+        "park-free": lambda: w.park_free(),
+        "nccl-down": lambda: w.nccl_down(),
+        "nccl-up": lambda: w.nccl_up(),
+        "exit": lambda: {"ok": True},
+    }
     while True:
         try:
             names = sorted(n for n in os.listdir(ctl) if n.startswith("cmd-") and not n.endswith(".tmp"))
@@ -641,34 +663,8 @@ def serve(ctl, w):
                 continue
             t0 = now()
             try:
-                if cmd == "ping":
-                    res = w.ping()
-                elif cmd == "sync":  # a bare CUDA call (cudaDeviceSynchronize)
-                    if hasattr(w, "torch"):
-                        w.torch.cuda.synchronize()
-                    res = {"ok": True}
-                elif cmd == "verify":
-                    res = w.verify()
-                elif cmd == "kv-release":
-                    res = w.kv_release()
-                elif cmd == "kv-reacquire":
-                    res = w.kv_reacquire()
-                elif cmd == "park":
-                    res = w.park(keep_registered=True)
-                elif cmd == "park-unreg":
-                    res = w.park(keep_registered=False)
-                elif cmd == "unpark":
-                    res = w.unpark()
-                elif cmd == "park-free":
-                    res = w.park_free()
-                elif cmd == "nccl-down":
-                    res = w.nccl_down()
-                elif cmd == "nccl-up":
-                    res = w.nccl_up()
-                elif cmd == "exit":
-                    res = {"ok": True}
-                else:
-                    res = {"ok": False, "error": f"unknown command {cmd!r}"}
+                handler = commands.get(cmd)
+                res = handler() if handler else {"ok": False, "error": f"unknown command {cmd!r}"}
             except Exception as e:  # report, keep serving
                 res = {"ok": False, "error": repr(e)}
             res.update({"cmd": cmd, "tReceived": t0, "tDone": now(), "pid": os.getpid()})
