@@ -5,6 +5,7 @@ import { Cleanup } from '../cleanup.js';
 import { loadConfig, type ThawConfig } from '../config/config.js';
 import { ShimError, isShimError } from '../errors.js';
 import { PhaseTimer } from '../log/logger.js';
+import { settledOrFirstError } from '../settled.js';
 import { openRuntime, type Runtime } from '../engine/runtime.js';
 import {
   TaskCheckpointedSchema,
@@ -390,12 +391,4 @@ async function linkTree(src: string, dst: string): Promise<void> {
       await link(from, to).catch(() => copyFile(from, to));
     }
   }
-}
-
-/** Like Promise.all, but waits for every step (so each has registered its undo) before throwing the first error. */
-async function settledOrFirstError<T extends readonly unknown[]>(steps: { [K in keyof T]: Promise<T[K]> }): Promise<T> {
-  const results = await Promise.allSettled(steps);
-  const failed = results.find((r) => r.status === 'rejected');
-  if (failed) throw failed.reason;
-  return results.map((r) => (r as PromiseFulfilledResult<unknown>).value) as unknown as T;
 }

@@ -2,6 +2,7 @@ import { constants } from 'node:fs';
 import { mkdir, open, stat, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { ShimError } from '../errors.js';
+import { settledOrFirstError } from '../settled.js';
 import type { StdioFds, StdioSlot } from '../engine/engine.js';
 
 /**
@@ -33,22 +34,27 @@ export class OpenStdio {
       throw new ShimError('NotImplemented', 'terminal (pty) tasks are not supported by thaw yet: run without -t');
     }
     // The three at once: each is a few fs calls, on the path of every Create.
-    const [stdin, out, separateErr] = await Promise.allSettled([
-      req.stdin ? openStdin(req.stdin) : undefined,
-      req.stdout ? openOutput(req.stdout) : undefined,
-      // ctr may give stdout and stderr one target (file://): share the fd then.
-      req.stderr && req.stderr !== req.stdout ? openOutput(req.stderr) : undefined,
-    ]);
-    const opened = [stdin, out, separateErr].flatMap((r) => (r.status === 'fulfilled' && r.value ? [r.value] : []));
-    const failed = [stdin, out, separateErr].find((r) => r.status === 'rejected');
-    if (failed) {
+    const opened: FileHandle[] = [];
+    const track = async (handle: Promise<FileHandle> | undefined): Promise<FileHandle | undefined> => {
+      const h = await handle;
+      if (h) opened.push(h);
+      return h;
+    };
+    let stdin: FileHandle | undefined, out: FileHandle | undefined, separateErr: FileHandle | undefined;
+    try {
+      [stdin, out, separateErr] = await settledOrFirstError<[FileHandle | undefined, FileHandle | undefined, FileHandle | undefined]>([
+        track(req.stdin ? openStdin(req.stdin) : undefined),
+        track(req.stdout ? openOutput(req.stdout) : undefined),
+        // ctr may give stdout and stderr one target (file://): share the fd then.
+        track(req.stderr && req.stderr !== req.stdout ? openOutput(req.stderr) : undefined),
+      ]);
+    } catch (e) {
       await Promise.all(opened.map((h) => h.close().catch(() => undefined)));
-      throw failed.reason;
+      throw e;
     }
-    const value = (r: PromiseSettledResult<FileHandle | undefined>): FileHandle | undefined => (r.status === 'fulfilled' ? r.value : undefined);
-    const err = req.stderr && req.stderr === req.stdout ? value(out) : value(separateErr);
+    const err = req.stderr && req.stderr === req.stdout ? out : separateErr;
     const slot = (h: FileHandle | undefined): StdioSlot => h?.fd ?? 'ignore';
-    return new OpenStdio([slot(value(stdin)), slot(value(out)), slot(err)], opened, value(stdin));
+    return new OpenStdio([slot(stdin), slot(out), slot(err)], opened, stdin);
   }
 
   /** CloseIO: drop our copy of stdin (the app sees EOF once the client's end closes too). */
