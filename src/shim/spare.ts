@@ -1,6 +1,6 @@
 import { execFile, spawn } from 'node:child_process';
 import { constants as fsConstants, readdirSync, realpathSync, statSync } from 'node:fs';
-import { mkdir, open, readdir, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rename, rm, writeFile, type FileHandle } from 'node:fs/promises';
 import { setPriority } from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -222,7 +222,7 @@ export class SpareSlot {
   async #answer(dir: string, reply: FileHandle, status: SpareStatus, output: Uint8Array | string): Promise<void> {
     try {
       // status first: `start` reads it once the FIFO is closed.
-      await writeSmallFile(path.join(dir, FILES.status), `${status}\n`);
+      await writeFile(path.join(dir, FILES.status), `${status}\n`, { mode: 0o600 });
       await reply.write(typeof output === 'string' ? Buffer.from(output) : output);
     } finally {
       await reply.close();
@@ -399,15 +399,6 @@ async function clearBootingMarker(registry: string): Promise<void> {
   const marker = path.join(registry, BOOTING);
   const pid = Number.parseInt(await readFile(marker, 'utf8').catch(() => ''), 10);
   if (pid === process.pid || !isAlive(pid)) await rm(marker, { force: true });
-}
-
-async function writeSmallFile(file: string, content: string): Promise<void> {
-  const handle = await open(file, 'w', 0o600);
-  try {
-    await handle.writeFile(content);
-  } finally {
-    await handle.close();
-  }
 }
 
 function splitNul(data: Buffer): string[] {
