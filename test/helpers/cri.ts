@@ -1,4 +1,7 @@
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { ContainerdHarness } from './containerd.js';
+import { buildOciImage, buildRootfs } from './oci-image.js';
 
 /**
  * A kubelet stand-in for the CRI tests: a promise-returning RuntimeService client over containerd's
@@ -39,4 +42,25 @@ export function criClient({ grpc, loader }: CriDeps, socket: string): { call: Cr
       fn.call(client, request, { deadline: new Date(Date.now() + timeoutMs) }, (err, res) => (err ? reject(err) : resolve(res)));
     });
   return { call, close: () => client.close() };
+}
+
+/**
+ * A containerd with CRI on (runsc with `--network=host` in the pod's netns, no tap NODE_OPTIONS for the
+ * shim) and one image in CRI's namespace, `name`, that sleeps: the pod sandbox image and the app
+ * image of a CRI test at once.
+ */
+export async function startCriHarness(
+  t: { teardown: (fn: () => Promise<void>) => void },
+  o: { prefix: string; image: string; demoApp?: boolean },
+): Promise<ContainerdHarness> {
+  const h = await ContainerdHarness.start(t.teardown.bind(t), {
+    prefix: o.prefix,
+    cri: { sandboxImage: o.image },
+    thawConfig: { runsc: { network: 'host' } },
+    env: { NODE_OPTIONS: '' },
+  });
+  const rootfs = await buildRootfs({ dir: path.join(h.dir, 'rootfs'), demoApp: o.demoApp ?? false });
+  const built = await buildOciImage({ workDir: h.dir, rootfs, name: o.image, cmd: ['/bin/sleep', '2147483647'], out: path.join(h.dir, 'image.tar') });
+  await h.importImage(built.tar, CRI_NS);
+  return h;
 }

@@ -15,7 +15,7 @@ import path from 'node:path';
 import t, { type Test } from 'tap';
 import { ContainerdHarness, commandExists, containerdVersions, integrationSkipReason, until, type ContainerdVersion } from '../helpers/containerd.js';
 import { buildOciImage, buildRootfs, imageToolsMissing } from '../helpers/oci-image.js';
-import { CRI_NS, criClient, type Grpc, type ProtoLoader } from '../helpers/cri.js';
+import { criClient, startCriHarness, type Grpc, type ProtoLoader } from '../helpers/cri.js';
 
 const IMAGE = 'localhost/thaw-it-oom:1';
 const MIB = 1024 * 1024;
@@ -149,15 +149,7 @@ async function oom(t: Test, version: ContainerdVersion): Promise<void> {
 
 async function criOom(t: Test, g: Grpc, protoLoader: ProtoLoader): Promise<void> {
   const image = 'localhost/thaw-it-oom-cri:1';
-  const h = await ContainerdHarness.start(t.teardown.bind(t), {
-    prefix: 'thaw-oom-cri-',
-    cri: { sandboxImage: image },
-    thawConfig: { runsc: { network: 'host' } },
-    env: { NODE_OPTIONS: '' },
-  });
-  const rootfs = await buildRootfs({ dir: path.join(h.dir, 'rootfs'), demoApp: true });
-  const built = await buildOciImage({ workDir: h.dir, rootfs, name: image, cmd: ['/bin/sleep', '2147483647'], out: path.join(h.dir, 'image.tar') });
-  await h.importImage(built.tar, CRI_NS);
+  const h = await startCriHarness(t, { prefix: 'thaw-oom-cri-', image, demoApp: true });
   const cri = criClient({ grpc: g, loader: protoLoader }, h.grpc);
   t.teardown(() => cri.close());
 

@@ -18,7 +18,7 @@ import t, { type Test } from 'tap';
 import { UpdateTaskRequestSchema } from '../../src/gen/containerd/task/v2/shim_pb.js';
 import { ContainerdHarness, commandExists, containerdVersions, integrationSkipReason, type ContainerdVersion } from '../helpers/containerd.js';
 import { buildOciImage, buildRootfs, imageToolsMissing } from '../helpers/oci-image.js';
-import { CRI_NS, criClient, type Grpc, type ProtoLoader } from '../helpers/cri.js';
+import { CRI_NS, criClient, startCriHarness, type Grpc, type ProtoLoader } from '../helpers/cri.js';
 
 const IMAGE = 'localhost/thaw-it-update:1';
 const MIB = 1024 * 1024;
@@ -174,15 +174,7 @@ async function updates(t: Test, version: ContainerdVersion, g: Grpc): Promise<vo
 
 async function criUpdate(t: Test, g: Grpc, protoLoader: ProtoLoader): Promise<void> {
   const image = 'localhost/thaw-it-update-cri:1';
-  const h = await ContainerdHarness.start(t.teardown.bind(t), {
-    prefix: 'thaw-upd-cri-',
-    cri: { sandboxImage: image },
-    thawConfig: { runsc: { network: 'host' } },
-    env: { NODE_OPTIONS: '' },
-  });
-  const rootfs = await buildRootfs({ dir: path.join(h.dir, 'rootfs') });
-  const built = await buildOciImage({ workDir: h.dir, rootfs, name: image, cmd: ['/bin/sleep', '2147483647'], out: path.join(h.dir, 'image.tar') });
-  await h.importImage(built.tar, CRI_NS);
+  const h = await startCriHarness(t, { prefix: 'thaw-upd-cri-', image });
   const cri = criClient({ grpc: g, loader: protoLoader }, h.grpc);
   t.teardown(() => cri.close());
 
