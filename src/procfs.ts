@@ -115,3 +115,36 @@ export function pidExists(pid: number): boolean {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
+
+/** Every thread's children: the kernel lists a child under the thread that forked it or adopted it. */
+export function childrenOfThisProcess(): number[] {
+  const pids: number[] = [];
+  let tids: string[];
+  try {
+    tids = readdirSync('/proc/self/task');
+  } catch {
+    return pids;
+  }
+  for (const tid of tids) {
+    let text = '';
+    try {
+      text = readFileSync(`/proc/self/task/${tid}/children`, 'utf8');
+    } catch {
+      continue; // the thread ended
+    }
+    for (const word of text.split(' ')) {
+      const pid = Number(word);
+      if (word !== '' && Number.isSafeInteger(pid) && pid > 0) pids.push(pid);
+    }
+  }
+  return pids;
+}
+
+/** How many file descriptors this process has open. */
+export function openFdCount(): number {
+  try {
+    return readdirSync('/proc/self/fd').length - 1; // less the one reading the directory
+  } catch {
+    return 0;
+  }
+}

@@ -1,3 +1,4 @@
+import { closeSync } from 'node:fs';
 import { pino, type Logger, type DestinationStream } from 'pino';
 
 /**
@@ -22,6 +23,44 @@ export function createLogger({ level = 'info', destination = 2, name = 'thaw' }:
       ? pino.destination({ dest: destination, sync: true, append: true, mkdir: true })
       : destination;
   return pino({ name, level, base: { pid: process.pid }, serializers: { err: pino.stdSerializers.err } }, dest);
+}
+
+/**
+ * A log destination whose file descriptor can change under the loggers writing to it: a shim server
+ * that serves one container after another (src/shim/spare.ts) logs into each container's log FIFO
+ * in turn, while loggers made earlier (the child reaper's, the crash monitor's) keep writing here.
+ */
+export class SwitchableDestination implements DestinationStream {
+  #current: ReturnType<typeof pino.destination> | undefined;
+  #fd: number | undefined;
+
+  write(line: string): void {
+    this.#current?.write(line);
+  }
+
+  /**
+   * From now on lines go to `fd` (undefined: nowhere). The previous descriptor is flushed and
+   * closed (not 1 or 2): a FIFO's reader then sees its end.
+   */
+  switchTo(fd: number | undefined): void {
+    const previous = this.#current;
+    const previousFd = this.#fd;
+    this.#current = fd === undefined ? undefined : pino.destination({ dest: fd, sync: true });
+    this.#fd = fd;
+    if (previous === undefined || previousFd === undefined) return;
+    try {
+      previous.flushSync();
+    } catch {
+      // a reader that went away takes the unwritten lines with it
+    }
+    if (previousFd > 2 && previousFd !== fd) {
+      try {
+        closeSync(previousFd);
+      } catch {
+        // already closed
+      }
+    }
+  }
 }
 
 /** A logger that drops everything (tests, library default). */

@@ -1,8 +1,8 @@
 import type { ChildProcess } from 'node:child_process';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
-import { readdirSync, readFileSync } from 'node:fs';
 import { ShimError } from '../errors.js';
 import { silentLogger, type Logger } from '../log/logger.js';
+import { childrenOfThisProcess } from '../procfs.js';
 import { loadReaperAddon, type ReaperBinding } from './reaper-native.js';
 
 /**
@@ -55,7 +55,7 @@ interface Adopted {
 
 export class ChildReaper implements OrphanAdopter {
   readonly #binding: ReaperBinding;
-  readonly #log: Logger;
+  #log: Logger;
   readonly #listChildren: () => number[];
   readonly #keepExitMs: number;
   /** Children child_process spawned: libuv reaps them. Removed at their 'exit'. */
@@ -80,6 +80,11 @@ export class ChildReaper implements OrphanAdopter {
     this.#keepExitMs = keepExitMs;
     subscribe('child_process', this.#onSpawn);
     this.#preexisting = new Set(listChildren());
+  }
+
+  /** Logs through `log` from now on (a server that serves its next container: that container's logger). */
+  useLogger(log: Logger): void {
+    this.#log = log;
   }
 
   /**
@@ -170,30 +175,6 @@ export class ChildReaper implements OrphanAdopter {
   }
 }
 
-/** Every thread's children: the kernel lists a child under the thread that forked it or adopted it. */
-function childrenOfThisProcess(): number[] {
-  const pids: number[] = [];
-  let tids: string[];
-  try {
-    tids = readdirSync('/proc/self/task');
-  } catch {
-    return pids;
-  }
-  for (const tid of tids) {
-    let text = '';
-    try {
-      text = readFileSync(`/proc/self/task/${tid}/children`, 'utf8');
-    } catch {
-      continue; // the thread ended
-    }
-    for (const word of text.split(' ')) {
-      const pid = Number(word);
-      if (word !== '' && Number.isSafeInteger(pid) && pid > 0) pids.push(pid);
-    }
-  }
-  return pids;
-}
-
 let processReaper: ChildReaper | null = null;
 
 export interface EnableChildReaperOptions {
@@ -203,12 +184,17 @@ export interface EnableChildReaperOptions {
 }
 
 /**
- * Makes this process's runsc exits come from reaping (the shim's `serve` calls this once, before
- * any runsc). Returns null, logging why, where that cannot work here: no addon (then `runsc wait`
- * reports exits, as before), no pidfds (Linux < 5.3), or prctl refused.
+ * Makes this process's runsc exits come from reaping (the shim's `serve` calls this before any
+ * runsc, and again for each further container a recycled server serves). Returns null, logging
+ * why, where that cannot work here: no addon (then `runsc wait` reports exits, as before), no
+ * pidfds (Linux < 5.3), or prctl refused.
  */
 export function enableChildReaper({ log = silentLogger, binding }: EnableChildReaperOptions = {}): ChildReaper | null {
-  if (processReaper !== null) return processReaper;
+  if (processReaper !== null) {
+    // Called again by a server that serves its next container: same reaper, that container's logger.
+    processReaper.useLogger(log);
+    return processReaper;
+  }
   let b = binding;
   if (b === undefined) {
     const loaded = loadReaperAddon();

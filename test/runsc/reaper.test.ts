@@ -2,6 +2,7 @@ import { execFile, spawn } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import t from 'tap';
+import { createLogger } from '../../src/log/logger.js';
 import { ChildReaper, childReaper, enableChildReaper } from '../../src/runsc/reaper.js';
 import { loadReaperAddon, type ReaperBinding, type WaitExitResult } from '../../src/runsc/reaper-native.js';
 
@@ -82,16 +83,24 @@ t.test('orphans are adopted once; exits map to containerd statuses; libuv childr
   await t.rejects(reaper.exitOf(101), { code: 'InvalidArgument' }, 'so does whoever started a child the reaper found');
 });
 
-t.test('enableChildReaper: null without the addon or pidfds; one reaper per process', async (t) => {
+t.test('enableChildReaper: null without the addon or pidfds; one reaper per process, logging through the latest logger', async (t) => {
   const f = fakeBinding();
   t.equal(enableChildReaper({ binding: null }), null, 'no addon');
   t.equal(enableChildReaper({ binding: { ...f.binding, pidfdSupport: () => 38 } }), null, 'ENOSYS from pidfd_open');
   t.equal(enableChildReaper({ binding: { ...f.binding, setChildSubreaper: () => 1 } }), null, 'prctl refused');
   t.equal(childReaper(), null);
-  const reaper = enableChildReaper({ binding: f.binding });
+  const lines: Record<string, string[]> = { first: [], second: [] };
+  const loggerFor = (name: string) => createLogger({ level: 'debug', destination: { write: (line: string) => void lines[name]!.push(line) } });
+  let prctlErrno = 0;
+  const reaper = enableChildReaper({ binding: { ...f.binding, setChildSubreaper: () => prctlErrno }, log: loggerFor('first') });
   t.ok(reaper);
   t.equal(childReaper(), reaper);
-  t.equal(enableChildReaper({ binding: null }), reaper, 'kept');
+  // A recycled server enables it again for its next container: the same reaper, that container's logger.
+  t.equal(enableChildReaper({ binding: null, log: loggerFor('second') }), reaper, 'kept');
+  prctlErrno = 1; // the subreaper window's prctl fails: the reaper warns
+  await reaper!.adopting(async () => undefined);
+  t.equal(lines.first!.length, 0, "nothing through the first container's logger");
+  t.match(lines.second!.join(''), /PR_SET_CHILD_SUBREAPER/, 'the warning went through the latest one');
   reaper?.close();
 });
 
