@@ -117,6 +117,9 @@ async function bench(h: ContainerdHarness, runs: number): Promise<Record<string,
     [...h.log.matchAll(/"id":"(bench-thaw-\d+)"[^\n]*"msg":"shim server started"/g)].map((m) => m[1]),
   );
   const servedBySpare = samples.thaw.length - [...nodeStarted].filter((id) => id !== 'bench-thaw-0').length;
+  // Of those, the ones a server took that had served an earlier container (recycled, no Node boot at all).
+  const recycled = new Set([...h.log.matchAll(/"shim":"(bench-thaw-\d+)"[^\n]*"msg":"a recycled shim server serves this container"/g)].map((m) => m[1]));
+  const servedByRecycled = [...recycled].filter((id) => id !== 'bench-thaw-0').length;
 
   // RSS of each shim while a container runs.
   const rss: Record<string, number | undefined> = {};
@@ -170,7 +173,7 @@ async function bench(h: ContainerdHarness, runs: number): Promise<Record<string,
       thaw: `ctr run --rm --runtime ${THAW_RUNTIME} --runtime-config-path CONFIG ${IMAGE} ID`,
       runc: `ctr run --rm --runc-binary WRAPPER --runc-root DIR ${IMAGE} ID   (WRAPPER: exec runsc --network=none --platform=systrap "$@")`,
     },
-    ctrRunRm: { thaw, runcShimWithRunsc: runc, ratio: Number((thaw.medianMs / runc.medianMs).toFixed(2)), thawRunsServedBySpare: servedBySpare },
+    ctrRunRm: { thaw, runcShimWithRunsc: runc, ratio: Number((thaw.medianMs / runc.medianMs).toFixed(2)), thawRunsServedBySpare: servedBySpare, thawRunsServedByRecycledServer: servedByRecycled },
     rss,
     processes,
   };

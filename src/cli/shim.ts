@@ -2,12 +2,22 @@
  * containerd-shim-thaw-v2: parses Go-style flags and runs one verb, importing only its module —
  * containerd execs `start` and `delete` as short-lived processes.
  */
-import type { Logger } from '../log/logger.js';
+import type { Logger, SwitchableDestination } from '../log/logger.js';
+import type { SpareRequests } from '../shim/spare.js';
 import type { ServeFlags } from '../shim/manager.js';
 import type { ShimServer } from '../shim/serve.js';
 import { isShimVerb, parseShimArgs, SHIM_USAGE, type ShimArgs, type ShimFlags } from './shim-flags.js';
 
 const BINARY = 'containerd-shim-thaw-v2';
+
+// The shim server of this process (`serve`, or a spare that serves one container after another).
+// Declared before main() runs: top-level await starts it right below.
+/** Where every logger of the server writes: the log FIFO of the container it serves now. */
+let serverLog: SwitchableDestination | undefined;
+/** The logger of the container served now, for Node's report of a crash. */
+let crashLog: Logger | undefined;
+/** The server's requests for the next container's spare (the Task service makes them after Start and Delete). */
+let spareRequests: SpareRequests | undefined;
 
 process.exitCode = await main(process.argv.slice(2));
 
@@ -94,29 +104,40 @@ async function runServe(flags: ShimFlags): Promise<never> {
     runtimeOptions: runtimeOptions ? Buffer.from(runtimeOptions, 'base64') : undefined,
   });
   await shim.done;
+  await spareRequests?.settle(); // this server exits with its container: leave the next one a spare
   process.exit(shim.shutdown.failures.length === 0 ? 0 : 1);
 }
 
-/** A shim server on the socket of `flags`, with the Task service; shared by `serve` and a claimed spare. */
+/**
+ * A shim server on the socket of `flags`, with the Task service; shared by `serve` and a claimed
+ * spare (also one that served containers before: `servedBefore`).
+ */
 async function serveShim(
   flags: ServeFlags,
-  opts: { logFd: number; readyFd?: number; runtimeOptions?: Uint8Array },
+  opts: { logFd: number; readyFd?: number; runtimeOptions?: Uint8Array; servedBefore?: number },
 ): Promise<ShimServer> {
-  const [{ serve }, { createLogger }, { createLazyTaskService }, { enableChildReaper }] = await Promise.all([
-    import('../shim/serve.js'),
-    import('../log/logger.js'),
-    import('../task/lazy-service.js'),
-    import('../runsc/reaper.js'),
-  ]);
+  const [{ serve }, { createLogger, SwitchableDestination }, { createLazyTaskService }, { enableChildReaper }, { SpareRequests }] =
+    await Promise.all([
+      import('../shim/serve.js'),
+      import('../log/logger.js'),
+      import('../task/lazy-service.js'),
+      import('../runsc/reaper.js'),
+      import('../shim/spare.js'),
+    ]);
+  serverLog ??= new SwitchableDestination();
+  serverLog.switchTo(opts.logFd);
   // `shim`, not `id`: a group's server serves several tasks, and each line about one carries its `id`.
-  const log = createLogger({ destination: opts.logFd, level: flags.debug ? 'debug' : 'info', name: BINARY }).child({
+  const log = createLogger({ destination: serverLog, level: flags.debug ? 'debug' : 'info', name: BINARY }).child({
     ns: flags.namespace,
     shim: flags.id,
   });
   // A claimed spare's stderr is /dev/null, not the log FIFO: Node's own report of a crash would be lost.
-  process.on('uncaughtExceptionMonitor', (err, origin) => log.fatal({ err, origin }, 'shim server crashed'));
+  if (crashLog === undefined) process.on('uncaughtExceptionMonitor', (err, origin) => crashLog?.fatal({ err, origin }, 'shim server crashed'));
+  crashLog = log;
+  if (opts.servedBefore) log.info({ servedBefore: opts.servedBefore }, 'a recycled shim server serves this container');
   // Before any runsc: sandboxes become this server's children, so exits are reaped, not polled.
   enableChildReaper({ log });
+  spareRequests = new SpareRequests(() => bootSpare(log));
   return serve(
     {
       flags,
@@ -125,7 +146,7 @@ async function serveShim(
       readyFd: opts.readyFd,
       runtimeOptions: opts.runtimeOptions,
       handleSignals: true,
-      requestSpare: () => void bootSpare(log),
+      requestSpare: () => spareRequests?.request(),
     },
     { createTaskService: createLazyTaskService },
   );
@@ -152,6 +173,8 @@ async function bootSpare(log: Logger): Promise<void> {
 async function runSpare(): Promise<never> {
   const spare = await import('../shim/spare.js');
   const manager = await import('../shim/manager.js');
+  const { loadConfig } = await import('../config/config.js');
+  const { childrenOfThisProcess, openFdCount } = await import('../procfs.js');
   // What `start` and `serve` need before listening, loaded before registering; the Task service
   // after it, as `serve` does once it listens (a claim in between waits for it in Create, as there).
   await Promise.all([import('../shim/serve.js'), import('../log/logger.js'), import('../task/lazy-service.js'), import('../runsc/reaper.js')]);
@@ -161,7 +184,9 @@ async function runSpare(): Promise<never> {
   const slot = await spare.SpareSlot.register(spare.spareRegistry(binDir));
   if (slot === undefined) process.exit(0); // another spare waits already
   void import('../task/service.js').catch(() => undefined);
-  const logFdFor = (bundle: string): number => manager.openShimLog(bundle) ?? 2;
+  let logFd = 2;
+  const logFdFor = (bundle: string): number => (logFd = manager.openShimLog(bundle) ?? 2);
+  const recycling = new spare.RecyclePolicy();
   for (;;) {
     // A spare of code that was rebuilt or removed (a test build) leaves instead of waiting forever.
     const stopWatching = spare.retireWhenCodeChanges(slot, code, () => process.exit(0));
@@ -172,14 +197,35 @@ async function runSpare(): Promise<never> {
       codeUnchanged: () => code.unchanged(),
       planStart: manager.planStart,
       writeStartFiles: manager.writeStartFiles,
-      serve: (plan, bundle) => serveShim(plan.serveFlags, { logFd: logFdFor(bundle), runtimeOptions: plan.runtimeOptions }),
+      serve: (plan, bundle) =>
+        serveShim(plan.serveFlags, { logFd: logFdFor(bundle), runtimeOptions: plan.runtimeOptions, servedBefore: recycling.served }),
       onAccepted: spare.takeNormalPriority,
       binary: BINARY,
     });
     if (outcome.kind === 'exit') process.exit(outcome.code);
     if (outcome.kind === 'serving') {
-      await outcome.server.done;
-      process.exit(outcome.server.shutdown.failures.length === 0 ? 0 : 1);
+      const { server } = outcome;
+      await server.done;
+      const exitCode = server.shutdown.failures.length === 0 ? 0 : 1;
+      const facts = {
+        shutdownFailures: server.shutdown.failures.length,
+        sparesOn: await loadConfig(server.configPath).then((c) => c.shim.spare, () => false),
+        codeUnchanged: code.unchanged(),
+        rssBytes: process.memoryUsage.rss(),
+        openFds: openFdCount() - (logFd > 2 ? 1 : 0),
+        children: childrenOfThisProcess().length,
+      };
+      const whyExit = recycling.judge(facts);
+      crashLog?.debug({ ...facts, whyExit, served: recycling.served }, whyExit ? 'shim server exits' : 'shim server waits as a spare again');
+      serverLog?.switchTo(undefined); // the container's log FIFO closes: containerd's reader sees its end
+      if (whyExit !== undefined) {
+        await spareRequests?.settle(); // leave the next container a spare
+        process.exit(exitCode);
+      }
+      spareRequests?.cancel(); // this process is the next container's spare
+      if (!(await slot.recycle())) process.exit(exitCode); // one waits already
+      process.chdir('/');
+      continue;
     }
     await slot.reregister();
   }

@@ -37,7 +37,7 @@ export interface TaskServiceContext {
   readonly listening: Promise<void>;
   /**
    * Boot a spare server for the next container (src/shim/spare.ts), if this binary can; the Task
-   * service calls it once loaded, when the config's `shim.spare` is on.
+   * service calls it once a Start or Delete was answered, when the config's `shim.spare` is on.
    */
   readonly requestSpare?: () => void;
 }
@@ -71,8 +71,10 @@ export interface ShimServer {
   readonly server: TtrpcServer;
   readonly publisher: Publisher;
   readonly shutdown: ShutdownService;
-  /** Resolves when shutdown finished; the caller then exits. */
+  /** Resolves when shutdown finished; the caller then exits (or, a recycled spare, waits again). */
   readonly done: Promise<void>;
+  /** The thaw config file this server's Task service read (runtime options or -config), if any. */
+  readonly configPath: string | undefined;
 }
 
 /**
@@ -93,6 +95,7 @@ export async function serve(options: ServeOptions, deps: ServeDeps): Promise<Shi
     const publisher = new Publisher({ address: ttrpcAddress, namespace: flags.namespace, log });
     let listened = (): void => undefined;
     const listening = new Promise<void>((resolve) => (listened = resolve));
+    const configPath = (options.runtimeOptions ? await configPathOfOptions(options.runtimeOptions) : flags.configPath) || undefined;
     const impl = await deps.createTaskService({
       id: flags.id,
       namespace: flags.namespace,
@@ -101,7 +104,7 @@ export async function serve(options: ServeOptions, deps: ServeDeps): Promise<Shi
       ttrpcAddress,
       publishBinary: flags.publishBinary,
       debug: flags.debug,
-      configPath: (options.runtimeOptions ? await configPathOfOptions(options.runtimeOptions) : flags.configPath) || undefined,
+      configPath,
       version: shimVersion(),
       publisher,
       shutdown,
@@ -121,7 +124,7 @@ export async function serve(options: ServeOptions, deps: ServeDeps): Promise<Shi
     report(options.readyFd, 'ready');
     log.info({ address }, 'shim serving');
     listened();
-    return { address, server, publisher, shutdown, done: shutdown.done };
+    return { address, server, publisher, shutdown, done: shutdown.done, configPath };
   } catch (err) {
     report(options.readyFd, isShimError(err, 'AlreadyExists') ? 'exists' : `error: ${(err as Error).message}`);
     throw err;

@@ -110,6 +110,109 @@ export function retireWhenCodeChanges(slot: SpareSlot, code: CodeStamp, gone: ()
   return () => clearInterval(timer);
 }
 
+/**
+ * How long after a container's Start (or Delete) was answered the next spare boots, if none waits
+ * by then. Not at once: a server whose container ended meanwhile becomes that spare itself
+ * (RecyclePolicy), and a boot overlapping the next container's Create slows its `runsc create`.
+ */
+export const SPARE_BOOT_DELAY_MS = 1000;
+
+/**
+ * A server's requests for the next container's spare: one boot `delayMs` after the first request,
+ * or at once when the server is about to exit (settle), so that a server that does not outlive its
+ * container still leaves a spare behind.
+ */
+export class SpareRequests {
+  readonly #boot: () => Promise<void>;
+  readonly #delayMs: number;
+  #timer: NodeJS.Timeout | undefined;
+  #booting: Promise<void> | undefined;
+
+  constructor(boot: () => Promise<void>, delayMs = SPARE_BOOT_DELAY_MS) {
+    this.#boot = boot;
+    this.#delayMs = delayMs;
+  }
+
+  request(): void {
+    if (this.#timer !== undefined) return;
+    this.#timer = setTimeout(() => void this.#bootNow(), this.#delayMs);
+    this.#timer.unref();
+  }
+
+  /** Boots a requested spare now instead of later, and waits until any boot has been launched. */
+  async settle(): Promise<void> {
+    if (this.#timer !== undefined) await this.#bootNow();
+    await this.#booting;
+  }
+
+  /** Drops a pending request (this process is about to wait as the spare itself). */
+  cancel(): void {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+  }
+
+  async #bootNow(): Promise<void> {
+    this.cancel();
+    this.#booting = this.#boot().catch(() => undefined);
+    await this.#booting;
+  }
+}
+
+/** What RecyclePolicy weighs once a server's last container is gone and its shutdown ran. */
+export interface ServerAfterShutdown {
+  readonly shutdownFailures: number;
+  /** The finished container's config (`shim.spare`). */
+  readonly sparesOn: boolean;
+  readonly codeUnchanged: boolean;
+  readonly rssBytes: number;
+  /** Open descriptors, its log FIFO closed. */
+  readonly openFds: number;
+  /** Child processes left (a sandbox not reaped yet). */
+  readonly children: number;
+}
+
+/**
+ * A recycled server's RSS grows ~0.1 MB per container (54.6 → 59.8 MB over 38 on the dev VM): past
+ * 57 MiB (59.8 MB, under issue 3's 60 MB target) it exits and a fresh spare (~56 MB) takes over.
+ */
+export const RECYCLE_LIMITS = { maxContainers: 100, maxRssBytes: 57 * 2 ** 20 } as const;
+
+/**
+ * Whether a server that came from a spare may wait as a spare again once its containers are gone,
+ * instead of exiting: the next container then needs no Node boot at all (~0.4 s of CPU on our
+ * 2-core VM, docs/bench/shim-overhead.md). Only a clean process qualifies: its shutdown without
+ * failures, the same code, no child left, no more open descriptors than after its first container
+ * (a leak shows as growth), bounded memory and a bounded number of containers.
+ */
+export class RecyclePolicy {
+  readonly #limits: { readonly maxContainers: number; readonly maxRssBytes: number };
+  #served = 0;
+  #fdBaseline: number | undefined;
+
+  constructor(limits: { readonly maxContainers: number; readonly maxRssBytes: number } = RECYCLE_LIMITS) {
+    this.#limits = limits;
+  }
+
+  /** Containers served so far (counting the one being judged). */
+  get served(): number {
+    return this.#served;
+  }
+
+  /** Why the server must exit now; undefined when it may wait as a spare again. */
+  judge(s: ServerAfterShutdown): string | undefined {
+    this.#served++;
+    if (s.shutdownFailures > 0) return `${s.shutdownFailures} shutdown step(s) failed`;
+    if (!s.sparesOn) return 'shim.spare is off';
+    if (!s.codeUnchanged) return 'the installed code changed';
+    if (this.#served >= this.#limits.maxContainers) return `served ${this.#served} containers`;
+    if (s.rssBytes > this.#limits.maxRssBytes) return `RSS ${Math.round(s.rssBytes / 2 ** 20)} MiB`;
+    if (s.children > 0) return `${s.children} child process(es) left`;
+    this.#fdBaseline ??= s.openFds;
+    if (s.openFds > this.#fdBaseline) return `${s.openFds - this.#fdBaseline} more open descriptors than after the first container`;
+    return undefined;
+  }
+}
+
 /** A spare boots at nice 19 (ensureSpare); claimed, each of its threads takes normal priority back. */
 export function takeNormalPriority(): void {
   let threads: string[];
@@ -232,6 +335,16 @@ export class SpareSlot {
   /** After a claim that did not use this process (the container's group already had a server): wait again. */
   async reregister(): Promise<void> {
     await this.#publish();
+  }
+
+  /**
+   * A server that finished its containers waits as a spare again (RecyclePolicy said it may);
+   * false when another spare waits already (one is enough: this process then exits).
+   */
+  async recycle(): Promise<boolean> {
+    if ((await liveSpares(this.#registry)).length > 0) return false;
+    await this.#publish();
+    return true;
   }
 
   /**

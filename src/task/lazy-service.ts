@@ -27,14 +27,7 @@ export const createLazyTaskService: CreateTaskService = async (ctx) => {
     }
     return loading;
   };
-  void ctx.listening.then(() =>
-    load().then(
-      // The next container's spare boots now (at nice 19), so that it is ready when that container
-      // comes, also when containers start back to back.
-      () => config.shim.spare && ctx.requestSpare?.(),
-      () => undefined,
-    ),
-  );
+  void ctx.listening.then(() => load().catch(() => undefined));
 
   const handlers: Record<string, Handler> = {};
   for (const method of Task.methods) {
@@ -44,6 +37,22 @@ export const createLazyTaskService: CreateTaskService = async (ctx) => {
       if (fn === undefined) throw new ShimError('NotImplemented', `${Task.typeName}.${method.name} is not implemented`);
       return fn.call(impl, request, call);
     };
+  }
+  if (config.shim.spare && ctx.requestSpare !== undefined) {
+    // The next container's spare is asked for once this container's Start (or, after a failed
+    // Create, its Delete) was answered, never during Create: a spare booting then slowed this
+    // container's `runsc create` by ~30 ms of its ~160 ms on two cores (docs/bench/shim-overhead.md).
+    // SpareRequests (src/shim/spare.ts) then waits a while: this server may become that spare itself.
+    const requestSpare = ctx.requestSpare;
+    const afterAnswer = (): void => void setImmediate(requestSpare); // the answer goes out first
+    for (const name of ['start', 'delete'] as const) {
+      const handle = handlers[name]!;
+      handlers[name] = (request, call) => {
+        const answer = Promise.resolve(handle(request, call));
+        void answer.then(afterAnswer, afterAnswer);
+        return answer;
+      };
+    }
   }
   handlers.connect = async (request, call) => (await withService(load, ctx)).connect(request, call);
   handlers.shutdown = async (request, call) => (await withService(load, ctx)).shutdown(request, call);

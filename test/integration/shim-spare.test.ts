@@ -1,14 +1,16 @@
 /**
  * Spare shim servers end to end (src/shim/spare.ts): under a real containerd and runsc, a
  * container's server boots a spare; the next `ctr run` is served by that spare process (its
- * shim.pid, at normal priority again), with exit codes, output and `ctr task exec` as usual;
- * containers started back to back all succeed; a spare whose code was rebuilt declines (the start
- * goes the Node way) and leaves; with `shim.spare: false` no spare is booted. Each run of this file
+ * shim.pid, at normal priority again), with exit codes, output and `ctr task exec` as usual; once
+ * its container is gone that server waits as a spare again (recycled, its log FIFO closed) and
+ * serves the next one; containers started back to back all succeed; a spare whose code was
+ * rebuilt declines (the start goes the Node way) and leaves; with `shim.spare: false` no spare is
+ * booted, and a recycled server that served such a container exits. Each run of this file
  * uses a private copy of the built shim, so that no other test's containers claim its spares.
  * Gated by THAW_INTEGRATION=1; needs root, containerd, ctr, runsc and busybox-static.
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -16,7 +18,7 @@ import t, { type Test } from 'tap';
 import { binDirOf, liveSpares, spareRegistry } from '../../src/shim/spare.js';
 import { buildThawBinaries, ContainerdHarness, containerdVersions, integrationSkipReason, SHIM_BINARY, until, type ContainerdVersion } from '../helpers/containerd.js';
 import { buildOciImage, buildRootfs, imageToolsMissing } from '../helpers/oci-image.js';
-import { pidExists as isAlive } from '../../src/procfs.js';
+import { fdTarget, pidExists as isAlive } from '../../src/procfs.js';
 
 const IMAGE = 'localhost/thaw-it-spare:1';
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -114,8 +116,30 @@ async function spares(t: Test, version: ContainerdVersion): Promise<void> {
     await h.waitForTaskStatus('it-spare-2', 'STOPPED');
     t.equal((await h.ctr(['tasks', 'rm', 'it-spare-2'])).code, 0);
     t.equal((await h.ctr(['containers', 'rm', 'it-spare-2'])).code, 0);
-    await until(() => !isAlive(spare), 30_000, 'the spare-turned-server to exit with its task');
+    // Its container gone, the server waits as a spare again (recycled), holding nothing of it.
+    await until(async () => (await liveSpares(registry)).includes(spare), 30_000, 'the server to wait as a spare again');
+    const bundle2 = h.bundleOf('it-spare-2');
+    const held = readdirSync(`/proc/${spare}/fd`).map((fd) => fdTarget(fd, spare)).filter((target) => target.startsWith(bundle2));
+    t.same(held, [], "no descriptor of the finished container's bundle (its log FIFO closed)");
     t.same(await h.runscSandboxes(), [], 'no sandbox left');
+    const again = await h.runThaw({ id: 'it-spare-3', image: IMAGE, args: ['/bin/sh', '-c', 'echo three; exit 7'] });
+    t.equal(again.code, 7, again.err);
+    t.match(again.out, /three/, "the recycled server relays the next container's output");
+    await until(async () => (await liveSpares(registry)).includes(spare), 30_000, 'the same process to wait once more');
+  });
+
+  await t.test('a container whose config turns spares off: the recycled server that took it exits after it', async (t) => {
+    const spare = await waitingSpare();
+    const config = path.join(h.dir, 'no-spare-2.json');
+    writeFileSync(config, JSON.stringify({ ...JSON.parse(readFileSync(h.thawConfigPath, 'utf8')), shim: { spare: false } }));
+    h.track('it-spare-off');
+    const r = await h.ctr(['run', '--rm', '--fifo-dir', h.fifoDir, '--runtime', 'io.containerd.thaw.v2', '--runtime-config-path', config, IMAGE, 'it-spare-off', '/bin/sh', '-c', 'exit 2'], {
+      timeoutMs: 90_000,
+    });
+    t.equal(r.code, 2, r.err);
+    await until(() => !isAlive(spare), 30_000, 'the server to exit with its container');
+    await new Promise((r) => setTimeout(r, 1500)); // a spare would have registered by now
+    t.same(await liveSpares(registry), [], 'no spare left or booted');
   });
 
   await t.test('back to back: every container runs and exits as asked', async (t) => {

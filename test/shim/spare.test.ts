@@ -4,7 +4,7 @@
  * claims it. The launcher is copied into a temporary bin/ so that its registry is the test's own.
  */
 import { spawn } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -19,7 +19,9 @@ import {
   ensureSpare,
   handleClaim,
   liveSpares,
+  RecyclePolicy,
   retireWhenCodeChanges,
+  SpareRequests,
   SpareSlot,
   spareRegistry,
   type ClaimDeps,
@@ -173,6 +175,69 @@ t.test('one spare is enough: a second one does not register', async (t) => {
   const first = await SpareSlot.register(inst.registry);
   t.ok(first);
   t.equal(await SpareSlot.register(inst.registry), undefined, 'same process counts as the waiting spare');
+});
+
+t.test('recycle: a server whose container is gone waits again under a new name, unless another spare waits', async (t) => {
+  const inst = install(t);
+  const slot = await SpareSlot.register(inst.registry);
+  const claim = (): void => {
+    // What the launcher's `mv -T` does to the waiting directory.
+    const name = readdirSync(inst.registry).find((n) => n.startsWith('spare.'))!;
+    renameSync(join(inst.registry, name), join(inst.registry, name.replace('spare.', 'claim.')));
+  };
+  claim();
+  t.same(await liveSpares(inst.registry), [], 'claimed: none waits');
+  t.equal(await slot!.recycle(), true, 'waits again');
+  t.same(await liveSpares(inst.registry), [process.pid]);
+  t.ok(existsSync(join(inst.registry, `spare.${process.pid}-2`)), 'under its next generation');
+  claim();
+  mkdirSync(join(inst.registry, 'spare.1-1')); // another live process (init) waits as a spare
+  t.equal(await slot!.recycle(), false, 'one spare is enough: this one is to exit');
+  t.same(await liveSpares(inst.registry), [1]);
+});
+
+t.test('RecyclePolicy: only a clean server within its limits waits again', async (t) => {
+  const clean = { shutdownFailures: 0, sparesOn: true, codeUnchanged: true, rssBytes: 50 * 2 ** 20, openFds: 20, children: 0 };
+  const policy = new RecyclePolicy({ maxContainers: 4, maxRssBytes: 60 * 2 ** 20 });
+  t.equal(policy.judge(clean), undefined, 'the first container: recycled, its descriptors the baseline');
+  t.equal(policy.served, 1);
+  t.equal(policy.judge({ ...clean, openFds: 19 }), undefined, 'fewer descriptors: fine');
+  t.match(policy.judge({ ...clean, openFds: 22 }), /2 more open descriptors/, 'a leak shows as growth');
+  t.match(policy.judge(clean), /served 4 containers/, 'at most maxContainers');
+  const fresh = (): RecyclePolicy => new RecyclePolicy({ maxContainers: 4, maxRssBytes: 60 * 2 ** 20 });
+  t.match(fresh().judge({ ...clean, shutdownFailures: 1 }), /1 shutdown step/);
+  t.match(fresh().judge({ ...clean, sparesOn: false }), /shim.spare is off/);
+  t.match(fresh().judge({ ...clean, codeUnchanged: false }), /code changed/);
+  t.match(fresh().judge({ ...clean, rssBytes: 61 * 2 ** 20 }), /RSS 61 MiB/);
+  t.match(fresh().judge({ ...clean, children: 2 }), /2 child process/);
+});
+
+t.test('SpareRequests: one boot after the delay, or at once when the server settles before exiting', async (t) => {
+  let boots = 0;
+  const boot = async (): Promise<void> => void boots++;
+  const later = new SpareRequests(boot, 40);
+  later.request();
+  later.request();
+  t.equal(boots, 0, 'not at once');
+  await new Promise((r) => setTimeout(r, 80));
+  t.equal(boots, 1, 'one boot for both requests');
+  const exiting = new SpareRequests(boot, 10_000);
+  exiting.request();
+  await exiting.settle();
+  t.equal(boots, 2, 'settle boots a pending request now');
+  await exiting.settle();
+  t.equal(boots, 2, 'and only that one');
+  const recycled = new SpareRequests(boot, 20);
+  recycled.request();
+  recycled.cancel();
+  await recycled.settle();
+  await new Promise((r) => setTimeout(r, 40));
+  t.equal(boots, 2, 'cancelled (the server waits as the spare itself): no boot');
+  const failing = new SpareRequests(async () => {
+    throw new Error('spawn failed');
+  }, 10_000);
+  failing.request();
+  await t.resolves(failing.settle(), 'a failed boot does not fail the exit');
 });
 
 t.test('ensureSpare boots one spare at a time, niced, and not while one waits', async (t) => {
