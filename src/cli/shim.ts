@@ -116,7 +116,7 @@ async function serveShim(
   flags: ServeFlags,
   opts: { logFd: number; readyFd?: number; runtimeOptions?: Uint8Array; servedBefore?: number },
 ): Promise<ShimServer> {
-  const [{ serve }, { createLogger, SwitchableDestination }, { createLazyTaskService }, { enableChildReaper }, { SpareRequests }] =
+  const [{ serve }, { createLogger, SwitchableDestination }, { createLazyTaskService }, { enableChildReaper }, { SpareRequests, binDirOf, spareRegistry, sparesInDemand }] =
     await Promise.all([
       import('../shim/serve.js'),
       import('../log/logger.js'),
@@ -137,7 +137,8 @@ async function serveShim(
   if (opts.servedBefore) log.info({ servedBefore: opts.servedBefore }, 'a recycled shim server serves this container');
   // Before any runsc: sandboxes become this server's children, so exits are reaped, not polled.
   enableChildReaper({ log });
-  spareRequests = new SpareRequests(() => bootSpare(log));
+  const registry = spareRegistry(binDirOf(process.argv[1]!));
+  spareRequests = new SpareRequests(() => bootSpare(log), () => sparesInDemand(registry));
   return serve(
     {
       flags,
@@ -146,23 +147,24 @@ async function serveShim(
       readyFd: opts.readyFd,
       runtimeOptions: opts.runtimeOptions,
       handleSignals: true,
-      requestSpare: () => spareRequests?.request(),
+      requestSpare: (moment) => spareRequests?.request(moment),
     },
     { createTaskService: createLazyTaskService },
   );
 }
 
 /** Boots a spare for the next container unless one waits or boots already (src/shim/spare.ts). */
-async function bootSpare(log: Logger): Promise<void> {
+async function bootSpare(log: Logger): Promise<number | undefined> {
   try {
     const [{ ensureSpare, spareRegistry, binDirOf }, { defaultServeCommand }] = await Promise.all([
       import('../shim/spare.js'),
       import('../shim/manager.js'),
     ]);
     const command = defaultServeCommand();
-    await ensureSpare({ registry: spareRegistry(binDirOf(command.args.at(-1)!)), command, log });
+    return await ensureSpare({ registry: spareRegistry(binDirOf(command.args.at(-1)!)), command, log });
   } catch (err) {
     log.warn({ err }, 'no spare shim server: the next container starts one');
+    return undefined;
   }
 }
 
@@ -213,7 +215,7 @@ async function runSpare(): Promise<never> {
         codeUnchanged: code.unchanged(),
         rssBytes: process.memoryUsage.rss(),
         openFds: openFdCount() - (logFd > 2 ? 1 : 0),
-        children: childrenOfThisProcess().length,
+        children: childrenOfThisProcess().filter((pid) => !spareRequests?.booted.has(pid)).length,
       };
       const whyExit = recycling.judge(facts);
       crashLog?.debug({ ...facts, whyExit, served: recycling.served }, whyExit ? 'shim server exits' : 'shim server waits as a spare again');

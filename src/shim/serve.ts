@@ -36,11 +36,15 @@ export interface TaskServiceContext {
    */
   readonly listening: Promise<void>;
   /**
-   * Boot a spare server for the next container (src/shim/spare.ts), if this binary can; the Task
-   * service calls it once a Start or Delete was answered, when the config's `shim.spare` is on.
+   * Ask for a spare server for the next container (src/shim/spare.ts), if this binary can; the Task
+   * service calls it once loaded and once a Start or Delete was answered, when the config's
+   * `shim.spare` is on (SpareRequests decides when a spare boots).
    */
-  readonly requestSpare?: () => void;
+  readonly requestSpare?: (moment: SpareMoment) => void;
 }
+
+/** When the Task service asks for a spare: its service has loaded, or a Start or Delete was answered. */
+export type SpareMoment = 'loaded' | 'answered';
 
 /** A Task service implementation; methods left out answer Unimplemented (12). */
 export type TaskServiceImpl = Partial<ServiceImpl<typeof Task>>;
@@ -63,7 +67,7 @@ export interface ServeOptions {
   readonly handleSignals?: boolean;
   readonly shutdownTimeoutMs?: number;
   /** See TaskServiceContext.requestSpare. */
-  readonly requestSpare?: () => void;
+  readonly requestSpare?: (moment: SpareMoment) => void;
 }
 
 export interface ShimServer {

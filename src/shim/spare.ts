@@ -9,7 +9,7 @@ import { isShimError, ShimError } from '../errors.js';
 import { silentLogger, type Logger } from '../log/logger.js';
 import { pidExists as isAlive } from '../procfs.js';
 import type { StartPlan } from './manager.js';
-import type { ShimServer } from './serve.js';
+import type { ShimServer, SpareMoment } from './serve.js';
 
 /**
  * Spare shim servers. containerd runs `start` for every container and waits for the server it
@@ -118,23 +118,50 @@ export function retireWhenCodeChanges(slot: SpareSlot, code: CodeStamp, gone: ()
 export const SPARE_BOOT_DELAY_MS = 1000;
 
 /**
- * A server's requests for the next container's spare: one boot `delayMs` after the first request,
- * or at once when the server is about to exit (settle), so that a server that does not outlive its
- * container still leaves a spare behind.
+ * The sh launcher's `start` touches this file in the registry when it found no spare waiting (it
+ * waited for one still booting, or started Node): containers are starting faster than spares come.
+ */
+const MISSED = 'missed';
+
+/** For this long after a miss, spares boot as early as they can (SpareRequests). */
+export const DEMAND_WINDOW_MS = 10_000;
+
+/** Whether a `start` of this registry found no spare waiting within the last `windowMs`. */
+export function sparesInDemand(registry: string, windowMs = DEMAND_WINDOW_MS, now = Date.now()): boolean {
+  const missed = statSync(path.join(registry, MISSED), { throwIfNoEntry: false });
+  return missed !== undefined && missed.mtimeMs >= now - windowMs;
+}
+
+/**
+ * A server's requests for the next container's spare. While `start`s find spares waiting, one
+ * boots `delayMs` after a Start or Delete was answered, and not at all if this server becomes that
+ * spare itself first (its container ended: RecyclePolicy, cancel) — sequential containers then
+ * need no boot, and none slows a Create. While spares are in demand (a recent miss: containers
+ * starting back to back while earlier ones keep running), one boots as soon as the Task service
+ * has loaded, so that it is ready for the next `start`. A server about to exit boots a pending
+ * one at once (settle).
  */
 export class SpareRequests {
-  readonly #boot: () => Promise<void>;
+  readonly #boot: () => Promise<number | undefined>;
+  readonly #booted = new Set<number>();
+  readonly #inDemand: () => boolean;
   readonly #delayMs: number;
   #timer: NodeJS.Timeout | undefined;
   #booting: Promise<void> | undefined;
 
-  constructor(boot: () => Promise<void>, delayMs = SPARE_BOOT_DELAY_MS) {
+  /** `boot` returns the pid of the spare it started, if it started one. */
+  constructor(boot: () => Promise<number | undefined>, inDemand: () => boolean, delayMs = SPARE_BOOT_DELAY_MS) {
     this.#boot = boot;
+    this.#inDemand = inDemand;
     this.#delayMs = delayMs;
   }
 
-  request(): void {
-    if (this.#timer !== undefined) return;
+  request(moment: SpareMoment): void {
+    if (this.#inDemand()) {
+      void this.#bootNow();
+      return;
+    }
+    if (moment === 'loaded' || this.#timer !== undefined) return;
     this.#timer = setTimeout(() => void this.#bootNow(), this.#delayMs);
     this.#timer.unref();
   }
@@ -151,9 +178,17 @@ export class SpareRequests {
     this.#timer = undefined;
   }
 
+  /** Spares this server started: its children until they are reparented, but not its leftovers. */
+  get booted(): ReadonlySet<number> {
+    return this.#booted;
+  }
+
   async #bootNow(): Promise<void> {
     this.cancel();
-    this.#booting = this.#boot().catch(() => undefined);
+    this.#booting = this.#boot().then(
+      (pid) => void (pid !== undefined && this.#booted.add(pid)),
+      () => undefined,
+    );
     await this.#booting;
   }
 }
@@ -167,15 +202,16 @@ export interface ServerAfterShutdown {
   readonly rssBytes: number;
   /** Open descriptors, its log FIFO closed. */
   readonly openFds: number;
-  /** Child processes left (a sandbox not reaped yet). */
+  /** Child processes left (a sandbox not reaped yet), spares it booted aside. */
   readonly children: number;
 }
 
 /**
- * A recycled server's RSS grows ~0.1 MB per container (54.6 → 59.8 MB over 38 on the dev VM): past
- * 57 MiB (59.8 MB, under issue 3's 60 MB target) it exits and a fresh spare (~56 MB) takes over.
+ * A recycled server's RSS grows ~0.1 MB per container (54.6 → 59.8 MB over 38 on the dev VM; after
+ * one container with execs up to ~60 MB): past 60 MiB (62.9 MB) it exits and a fresh spare (~56 MB)
+ * takes over.
  */
-export const RECYCLE_LIMITS = { maxContainers: 100, maxRssBytes: 57 * 2 ** 20 } as const;
+export const RECYCLE_LIMITS = { maxContainers: 100, maxRssBytes: 60 * 2 ** 20 } as const;
 
 /**
  * Whether a server that came from a spare may wait as a spare again once its containers are gone,

@@ -27,7 +27,13 @@ export const createLazyTaskService: CreateTaskService = async (ctx) => {
     }
     return loading;
   };
-  void ctx.listening.then(() => load().catch(() => undefined));
+  const requestSpare = config.shim.spare ? ctx.requestSpare : undefined;
+  void ctx.listening.then(() =>
+    load().then(
+      () => requestSpare?.('loaded'),
+      () => undefined,
+    ),
+  );
 
   const handlers: Record<string, Handler> = {};
   for (const method of Task.methods) {
@@ -38,13 +44,11 @@ export const createLazyTaskService: CreateTaskService = async (ctx) => {
       return fn.call(impl, request, call);
     };
   }
-  if (config.shim.spare && ctx.requestSpare !== undefined) {
-    // The next container's spare is asked for once this container's Start (or, after a failed
-    // Create, its Delete) was answered, never during Create: a spare booting then slowed this
-    // container's `runsc create` by ~30 ms of its ~160 ms on two cores (docs/bench/shim-overhead.md).
-    // SpareRequests (src/shim/spare.ts) then waits a while: this server may become that spare itself.
-    const requestSpare = ctx.requestSpare;
-    const afterAnswer = (): void => void setImmediate(requestSpare); // the answer goes out first
+  if (requestSpare !== undefined) {
+    // Asked for again once this container's Start (or, after a failed Create, its Delete) was
+    // answered: SpareRequests (src/shim/spare.ts) boots the next spare then, not during Create,
+    // unless `start`s lately found none waiting.
+    const afterAnswer = (): void => void setImmediate(() => requestSpare('answered')); // the answer goes out first
     for (const name of ['start', 'delete'] as const) {
       const handle = handlers[name]!;
       handlers[name] = (request, call) => {

@@ -344,7 +344,11 @@ export class ContainerdHarness {
     };
     // At debug level containerd also passes -debug to the shim (runsc argv and phases in the log).
     const level = process.env.THAW_TEST_DEBUG ? 'debug' : 'info';
-    const child = spawn(this.#opts.containerd ?? 'containerd', ['--config', config, '--log-level', level], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+    // Through `env -u NODE_OPTIONS` (which execs containerd, same pid): tap's process tracking puts
+    // its loader into NODE_OPTIONS of every child it sees spawned, whatever env we pass, and shims,
+    // spares above all, must not run with it (it costs ~20-30 MB of RSS and writes into tap's dirs).
+    const containerd = this.#opts.containerd ?? 'containerd';
+    const child = spawn('env', ['-u', 'NODE_OPTIONS', containerd, '--config', config, '--log-level', level], { env, stdio: ['ignore', 'ignore', 'pipe'] });
     this.#containerd = child;
     child.stderr?.on('data', (c: Buffer) => {
       this.#log += c.toString();

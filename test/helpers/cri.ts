@@ -45,9 +45,8 @@ export function criClient({ grpc, loader }: CriDeps, socket: string): { call: Cr
 }
 
 /**
- * A containerd with CRI on (runsc with `--network=host` in the pod's netns, no tap NODE_OPTIONS for the
- * shim) and one image in CRI's namespace, `name`, that sleeps: the pod sandbox image and the app
- * image of a CRI test at once.
+ * A containerd with CRI on (runsc with `--network=host` in the pod's netns) and one image in CRI's
+ * namespace, `name`, that sleeps: the pod sandbox image and the app image of a CRI test at once.
  */
 export async function startCriHarness(
   t: { teardown: (fn: () => Promise<void>) => void },
@@ -57,7 +56,6 @@ export async function startCriHarness(
     prefix: o.prefix,
     cri: { sandboxImage: o.image },
     thawConfig: { runsc: { network: 'host' } },
-    env: { NODE_OPTIONS: '' },
   });
   const rootfs = await buildRootfs({ dir: path.join(h.dir, 'rootfs'), demoApp: o.demoApp ?? false });
   const built = await buildOciImage({ workDir: h.dir, rootfs, name: o.image, cmd: ['/bin/sleep', '2147483647'], out: path.join(h.dir, 'image.tar') });

@@ -94,9 +94,7 @@ function cgroupDirs(id: string): string[] {
 }
 
 async function oom(t: Test, version: ContainerdVersion): Promise<void> {
-  // Without tap's NODE_OPTIONS: its loaders would reach the shim through containerd's environment.
-  const env = { ...version.options.env, NODE_OPTIONS: '' };
-  const h = await ContainerdHarness.start(t.teardown.bind(t), { ...version.options, env, prefix: 'thaw-oom-' });
+  const h = await ContainerdHarness.start(t.teardown.bind(t), { ...version.options, prefix: 'thaw-oom-' });
   const rootfs = await buildRootfs({ dir: path.join(h.dir, 'rootfs'), demoApp: true });
   const image = await buildOciImage({ workDir: h.dir, rootfs, name: IMAGE, cmd: ['/bin/sleep', '2147483647'], out: path.join(h.dir, 'image.tar') });
   await h.importImage(image.tar);

@@ -1,9 +1,10 @@
 /**
  * Spare shim servers end to end (src/shim/spare.ts): under a real containerd and runsc, a
  * container's server boots a spare; the next `ctr run` is served by that spare process (its
- * shim.pid, at normal priority again), with exit codes, output and `ctr task exec` as usual; once
- * its container is gone that server waits as a spare again (recycled, its log FIFO closed) and
- * serves the next one; containers started back to back all succeed; a spare whose code was
+ * shim.pid, at normal priority again), with exit codes, output and `ctr task exec` as usual; the
+ * server of a short-lived container waits as a spare again once it is gone (recycled, its log FIFO
+ * closed) and serves the next one; long-running containers started back to back find spares (in
+ * demand, they boot early); containers started back to back all succeed; a spare whose code was
  * rebuilt declines (the start goes the Node way) and leaves; with `shim.spare: false` no spare is
  * booted, and a recycled server that served such a container exits. Each run of this file
  * uses a private copy of the built shim, so that no other test's containers claim its spares.
@@ -71,9 +72,7 @@ function niceOf(pid: number): number {
 async function spares(t: Test, version: ContainerdVersion): Promise<void> {
   const bin = await privateInstall(t);
   const registry = registryOf(bin);
-  // Without tap's NODE_OPTIONS: its loaders would reach the shim through containerd's environment.
-  const env = { ...version.options.env, NODE_OPTIONS: '' };
-  const h = await ContainerdHarness.start(t.teardown.bind(t), { ...version.options, env, bin, prefix: 'thaw-spare-' });
+  const h = await ContainerdHarness.start(t.teardown.bind(t), { ...version.options, bin, prefix: 'thaw-spare-' });
   const rootfs = await buildRootfs({ dir: path.join(h.dir, 'rootfs') });
   const image = await buildOciImage({ workDir: h.dir, rootfs, name: IMAGE, cmd: ['/bin/true'], out: path.join(h.dir, 'image.tar') });
   await h.importImage(image.tar);
@@ -116,16 +115,52 @@ async function spares(t: Test, version: ContainerdVersion): Promise<void> {
     await h.waitForTaskStatus('it-spare-2', 'STOPPED');
     t.equal((await h.ctr(['tasks', 'rm', 'it-spare-2'])).code, 0);
     t.equal((await h.ctr(['containers', 'rm', 'it-spare-2'])).code, 0);
-    // Its container gone, the server waits as a spare again (recycled), holding nothing of it.
-    await until(async () => (await liveSpares(registry)).includes(spare), 30_000, 'the server to wait as a spare again');
-    const bundle2 = h.bundleOf('it-spare-2');
-    const held = readdirSync(`/proc/${spare}/fd`).map((fd) => fdTarget(fd, spare)).filter((target) => target.startsWith(bundle2));
-    t.same(held, [], "no descriptor of the finished container's bundle (its log FIFO closed)");
     t.same(await h.runscSandboxes(), [], 'no sandbox left');
-    const again = await h.runThaw({ id: 'it-spare-3', image: IMAGE, args: ['/bin/sh', '-c', 'echo three; exit 7'] });
-    t.equal(again.code, 7, again.err);
-    t.match(again.out, /three/, "the recycled server relays the next container's output");
-    await until(async () => (await liveSpares(registry)).includes(spare), 30_000, 'the same process to wait once more');
+  });
+
+  await t.test("a short-lived container's server waits as a spare again and serves the next container", async (t) => {
+    rmSync(path.join(registry, 'missed'), { force: true }); // no earlier miss: spares are not in demand
+    const spare = await waitingSpare();
+    const first = await h.runThaw({ id: 'it-recycle-1', image: IMAGE, args: ['/bin/sh', '-c', 'echo one; exit 3'] });
+    t.equal(first.code, 3, first.err);
+    t.match(first.out, /one/);
+    await until(async () => (await liveSpares(registry)).includes(spare), 30_000, 'the server to wait as a spare again');
+    const held = readdirSync(`/proc/${spare}/fd`)
+      .map((fd) => fdTarget(fd, spare))
+      .filter((target) => target.includes('it-recycle-1'));
+    t.same(held, [], "nothing of the finished container held open (its log FIFO closed)");
+    const log = path.join(h.dir, 'it-recycle-2.log');
+    const second = await h.runThaw({ id: 'it-recycle-2', image: IMAGE, args: ['/bin/sleep', '600'], logFile: log });
+    t.equal(second.code, 0, second.err);
+    t.equal(h.shimPidOf('it-recycle-2'), spare, 'the same process serves the next container');
+    const exec = await h.ctr(['tasks', 'exec', '--exec-id', 'e2', 'it-recycle-2', '/bin/sh', '-c', 'echo again; exit 4']);
+    t.equal(exec.code, 4, exec.err);
+    t.match(exec.out, /again/);
+    await h.ctr(['tasks', 'kill', '-s', 'SIGKILL', 'it-recycle-2']);
+    await h.waitForTaskStatus('it-recycle-2', 'STOPPED');
+    t.equal((await h.ctr(['tasks', 'rm', 'it-recycle-2'])).code, 0);
+    t.equal((await h.ctr(['containers', 'rm', 'it-recycle-2'])).code, 0);
+    t.same(await h.runscSandboxes(), [], 'no sandbox left');
+  });
+
+  await t.test('long-running containers started back to back: spares are in demand and boot early enough', async (t) => {
+    await waitingSpare();
+    const ids = ['it-burst-1', 'it-burst-2', 'it-burst-3', 'it-burst-4'];
+    for (const id of ids) {
+      const r = await h.runThaw({ id, image: IMAGE, args: ['/bin/sleep', '600'], logFile: path.join(h.dir, `${id}.log`) });
+      t.equal(r.code, 0, r.err);
+    }
+    // A container whose start found no spare logs "shim server started" (the Node start); without
+    // demand mode every second one would (the next spare boots a second after Start).
+    const nodeStarted = ids.filter((id) => new RegExp(`"id":"${id}"[^\\n]*"msg":"shim server started"`).test(h.log));
+    t.ok(nodeStarted.length <= 1, `at most the first miss starts Node (did: ${nodeStarted.join(', ') || 'none'})`);
+    for (const id of ids) {
+      await h.ctr(['tasks', 'kill', '-s', 'SIGKILL', id]);
+      await h.waitForTaskStatus(id, 'STOPPED');
+      await h.ctr(['tasks', 'rm', id]);
+      await h.ctr(['containers', 'rm', id]);
+    }
+    t.same(await h.runscSandboxes(), [], 'no sandbox left');
   });
 
   await t.test('a container whose config turns spares off: the recycled server that took it exits after it', async (t) => {

@@ -91,9 +91,7 @@ function cgroupFile(pid: number, controller: string, v1File: string, v2File: str
 }
 
 async function updates(t: Test, version: ContainerdVersion, g: Grpc): Promise<void> {
-  // Without tap's NODE_OPTIONS: its loaders would reach the shim through containerd's environment.
-  const env = { ...version.options.env, NODE_OPTIONS: '' };
-  const h = await ContainerdHarness.start(t.teardown.bind(t), { ...version.options, env, prefix: 'thaw-upd-' });
+  const h = await ContainerdHarness.start(t.teardown.bind(t), { ...version.options, prefix: 'thaw-upd-' });
   const rootfs = await buildRootfs({ dir: path.join(h.dir, 'rootfs') });
   const image = await buildOciImage({ workDir: h.dir, rootfs, name: IMAGE, cmd: ['/bin/sleep', '100000'], out: path.join(h.dir, 'image.tar') });
   await h.importImage(image.tar);

@@ -23,6 +23,7 @@ import {
   retireWhenCodeChanges,
   SpareRequests,
   SpareSlot,
+  sparesInDemand,
   spareRegistry,
   type ClaimDeps,
   type SpareClaim,
@@ -212,32 +213,52 @@ t.test('RecyclePolicy: only a clean server within its limits waits again', async
   t.match(fresh().judge({ ...clean, children: 2 }), /2 child process/);
 });
 
-t.test('SpareRequests: one boot after the delay, or at once when the server settles before exiting', async (t) => {
+t.test('SpareRequests: calm, one boot a while after Start; in demand, at once from load; settle boots a pending one', async (t) => {
   let boots = 0;
-  const boot = async (): Promise<void> => void boots++;
-  const later = new SpareRequests(boot, 40);
-  later.request();
-  later.request();
-  t.equal(boots, 0, 'not at once');
+  const boot = async (): Promise<number> => 1000 + ++boots;
+  let demand = false;
+  const inDemand = (): boolean => demand;
+  const later = new SpareRequests(boot, inDemand, 40);
+  later.request('loaded');
+  later.request('answered');
+  later.request('answered');
+  t.equal(boots, 0, 'calm: nothing at load, nothing at once after Start');
   await new Promise((r) => setTimeout(r, 80));
-  t.equal(boots, 1, 'one boot for both requests');
-  const exiting = new SpareRequests(boot, 10_000);
-  exiting.request();
+  t.equal(boots, 1, 'one boot for both requests, after the delay');
+  const exiting = new SpareRequests(boot, inDemand, 10_000);
+  exiting.request('answered');
   await exiting.settle();
   t.equal(boots, 2, 'settle boots a pending request now');
   await exiting.settle();
   t.equal(boots, 2, 'and only that one');
-  const recycled = new SpareRequests(boot, 20);
-  recycled.request();
+  const recycled = new SpareRequests(boot, inDemand, 20);
+  recycled.request('answered');
   recycled.cancel();
   await recycled.settle();
   await new Promise((r) => setTimeout(r, 40));
   t.equal(boots, 2, 'cancelled (the server waits as the spare itself): no boot');
+  demand = true;
+  const busy = new SpareRequests(boot, inDemand, 10_000);
+  busy.request('loaded');
+  await busy.settle();
+  t.equal(boots, 3, 'in demand: a boot as soon as the service loaded');
+  t.same([...busy.booted], [1003], 'the pid of the spare it booted (a child that is not a leftover)');
   const failing = new SpareRequests(async () => {
     throw new Error('spawn failed');
-  }, 10_000);
-  failing.request();
+  }, inDemand, 10_000);
+  failing.request('answered');
   await t.resolves(failing.settle(), 'a failed boot does not fail the exit');
+});
+
+t.test('a start that finds no spare waiting marks spares in demand for a while', async (t) => {
+  const inst = install(t);
+  mkdirSync(inst.registry, { recursive: true });
+  t.equal(sparesInDemand(inst.registry), false, 'no miss yet');
+  const r = await start(inst, { cwd: bundleDir(t), stdin: 'z' });
+  t.equal(r.stdout, 'node-was-run\nz', 'the TypeScript start ran, and the mark printed nothing');
+  t.equal(r.stderr, '');
+  t.equal(sparesInDemand(inst.registry), true, 'missed just now');
+  t.equal(sparesInDemand(inst.registry, 10_000, Date.now() + 11_000), false, 'no longer once the window passed');
 });
 
 t.test('ensureSpare boots one spare at a time, niced, and not while one waits', async (t) => {

@@ -72,37 +72,46 @@ t.test('a bad config fails at once (start reports it), before anything loads', a
   t.equal(loads, 0);
 });
 
-t.test('a spare for the next container is asked for once a Start or Delete was answered (not during Create), unless shim.spare is off', async (t) => {
+t.test('a spare for the next container is asked for once the service loaded and once a Start or Delete was answered, unless shim.spare is off', async (t) => {
   for (const [configText, on] of [
     ['{}', true],
     ['{"shim":{"spare":false}}', false],
   ] as const) {
+    let releaseLoad = (): void => undefined;
+    const loaded = new Promise<void>((r) => (releaseLoad = r));
     let releaseStart = (): void => undefined;
     const startAnswered = new Promise<void>((r) => (releaseStart = r));
-    const lazy = await lazyWith(t, async () => ({
-      create: async () => ({ pid: 1 }),
-      start: async () => {
-        await startAnswered;
-        return { pid: 1 };
-      },
-      delete: async () => {
-        throw new Error('no such task');
-      },
-    }) as unknown as TaskServiceImpl);
+    const lazy = await lazyWith(t, async () => {
+      await loaded;
+      return {
+        create: async () => ({ pid: 1 }),
+        start: async () => {
+          await startAnswered;
+          return { pid: 1 };
+        },
+        delete: async () => {
+          throw new Error('no such task');
+        },
+      } as unknown as TaskServiceImpl;
+    });
     const { ctx, listened } = context(t, configText);
-    let asked = 0;
-    const impl = await lazy({ ...ctx, requestSpare: () => asked++ });
+    const asked: string[] = [];
+    const impl = await lazy({ ...ctx, requestSpare: (moment) => asked.push(moment) });
     listened();
+    await new Promise((r) => setTimeout(r, 20));
+    t.same(asked, [], `${configText}: not before the service loaded`);
+    releaseLoad();
     await impl.create!({} as never, call);
+    t.same(asked, on ? ['loaded'] : [], `${configText}: once loaded`);
     const started = impl.start!({} as never, call);
     await new Promise((r) => setTimeout(r, 20));
-    t.equal(asked, 0, `${configText}: not after the service loaded nor during Create or a pending Start`);
+    t.same(asked, on ? ['loaded'] : [], `${configText}: not while Start is pending`);
     releaseStart();
-    t.match(await started, { pid: 1 }, 'the answer is the service\'s');
+    t.match(await started, { pid: 1 }, "the answer is the service's");
     await new Promise((r) => setImmediate(r));
-    t.equal(asked, on ? 1 : 0, `${configText}: asked once Start was answered`);
+    t.same(asked, on ? ['loaded', 'answered'] : [], `${configText}: once Start was answered`);
     await t.rejects(Promise.resolve(impl.delete!({} as never, call)), /no such task/, 'a failing Delete still fails');
     await new Promise((r) => setImmediate(r));
-    t.equal(asked, on ? 2 : 0, `${configText}: asked again after a Delete, also a failed one`);
+    t.same(asked, on ? ['loaded', 'answered', 'answered'] : [], `${configText}: after a Delete too, also a failed one`);
   }
 });
