@@ -2,7 +2,8 @@
  * Shim overhead: `ctr run --rm` of a trivial container (busybox `true`) through thaw's shim vs
  * through containerd's own runc shim driving runsc (a `--runc-binary` wrapper adding
  * `--network=none --platform=systrap`), on one private containerd, interleaved so that machine
- * load hits both alike; medians of N runs after one warm-up each. Also the RSS of thaw's `serve`
+ * load hits both alike; medians of N runs after one warm-up each. Then up to 6 long-running
+ * containers started back to back with `ctr run -d` (each path; medians). Also the RSS of thaw's `serve`
  * process (and of the runc shim) while a container runs, and the cost of the shim's short-lived
  * verbs (`-v`, `delete` with nothing to clean) next to a bare `node -e 0`.
  *
@@ -121,6 +122,32 @@ async function bench(h: ContainerdHarness, runs: number): Promise<Record<string,
   const recycled = new Set([...h.log.matchAll(/"shim":"(bench-thaw-\d+)"[^\n]*"msg":"a recycled shim server serves this container"/g)].map((m) => m[1]));
   const servedByRecycled = [...recycled].filter((id) => id !== 'bench-thaw-0').length;
 
+  // Long-running containers started back to back (a scale-up): each `ctr run -d` returns once its
+  // task runs, and the next one starts while the earlier ones keep running, so no server is
+  // recycled in between and spares must boot in time.
+  const burst = async (which: 'thaw' | 'runc'): Promise<Stats> => {
+    const s: Sample[] = [];
+    const ids = Array.from({ length: Math.min(runs, 6) }, (_, i) => `burst-${which}-${i}`);
+    for (const id of ids) {
+      const args = ['run', '-d', '--fifo-dir', h.fifoDir];
+      if (which === 'thaw') args.push('--runtime', THAW_RUNTIME, '--runtime-config-path', h.thawConfigPath);
+      else args.push('--runc-binary', wrapper, '--runc-root', runcRoot);
+      const r = await h.ctr([...args, IMAGE, h.track(id), '/bin/sleep', '600'], { timeoutMs: 120_000 });
+      if (r.code !== 0) throw new Error(`${which} burst ${id} failed (${r.code}): ${r.err}`);
+      s.push({ ms: r.ms, code: r.code });
+    }
+    for (const id of ids) await h.ctr(['tasks', 'kill', '-s', 'SIGKILL', id]);
+    for (const id of ids) {
+      await until(async () => (await h.taskStatus(id)) === 'STOPPED', 30_000, `${id} to stop`).catch(() => undefined);
+      await h.ctr(['tasks', 'rm', '-f', id]);
+      await h.ctr(['containers', 'rm', id]);
+    }
+    return stats(s);
+  };
+  const burstThaw = await burst('thaw');
+  const burstRunc = await burst('runc');
+  const burstNodeStarted = [...h.log.matchAll(/"id":"(burst-thaw-\d+)"[^\n]*"msg":"shim server started"/g)].length;
+
   // RSS of each shim while a container runs.
   const rss: Record<string, number | undefined> = {};
   const thawLog = path.join(h.dir, 'rss-thaw.log');
@@ -174,6 +201,12 @@ async function bench(h: ContainerdHarness, runs: number): Promise<Record<string,
       runc: `ctr run --rm --runc-binary WRAPPER --runc-root DIR ${IMAGE} ID   (WRAPPER: exec runsc --network=none --platform=systrap "$@")`,
     },
     ctrRunRm: { thaw, runcShimWithRunsc: runc, ratio: Number((thaw.medianMs / runc.medianMs).toFixed(2)), thawRunsServedBySpare: servedBySpare, thawRunsServedByRecycledServer: servedByRecycled },
+    ctrRunDetachedBackToBack: {
+      thaw: burstThaw,
+      runcShimWithRunsc: burstRunc,
+      ratio: Number((burstThaw.medianMs / burstRunc.medianMs).toFixed(2)),
+      thawRunsStartingNode: burstNodeStarted,
+    },
     rss,
     processes,
   };

@@ -93,7 +93,8 @@ export interface ThawConfig {
     /**
      * Keep one spare server booted for the next container's `start` (src/shim/spare.ts): a
      * container then pays no Node start-up in `start` or `serve`, at the price of one idle Node
-     * process (~50 MB) per install.
+     * process (~56 MB) per install. A server that came from a spare waits as the spare again once
+     * its containers are gone, unless this is off for its container.
      */
     spare: boolean;
   };
