@@ -175,8 +175,6 @@ async function bootSpare(log: Logger): Promise<number | undefined> {
 async function runSpare(): Promise<never> {
   const spare = await import('../shim/spare.js');
   const manager = await import('../shim/manager.js');
-  const { loadConfig } = await import('../config/config.js');
-  const { childrenOfThisProcess, openFdCount } = await import('../procfs.js');
   // What `start` and `serve` need before listening, loaded before registering; the Task service
   // after it, as `serve` does once it listens (a claim in between waits for it in Create, as there).
   await Promise.all([import('../shim/serve.js'), import('../log/logger.js'), import('../task/lazy-service.js'), import('../runsc/reaper.js')]);
@@ -206,27 +204,17 @@ async function runSpare(): Promise<never> {
     });
     if (outcome.kind === 'exit') process.exit(outcome.code);
     if (outcome.kind === 'serving') {
-      const { server } = outcome;
-      await server.done;
-      const exitCode = server.shutdown.failures.length === 0 ? 0 : 1;
-      const facts = {
-        shutdownFailures: server.shutdown.failures.length,
-        sparesOn: await loadConfig(server.configPath).then((c) => c.shim.spare, () => false),
+      const after = await spare.afterServing({
+        server: outcome.server,
+        policy: recycling,
+        slot,
         codeUnchanged: code.unchanged(),
-        rssBytes: process.memoryUsage.rss(),
-        openFds: openFdCount() - (logFd > 2 ? 1 : 0),
-        children: childrenOfThisProcess().filter((pid) => !spareRequests?.booted.has(pid)).length,
-      };
-      const whyExit = recycling.judge(facts);
-      crashLog?.debug({ ...facts, whyExit, served: recycling.served }, whyExit ? 'shim server exits' : 'shim server waits as a spare again');
-      serverLog?.switchTo(undefined); // the container's log FIFO closes: containerd's reader sees its end
-      if (whyExit !== undefined) {
-        await spareRequests?.settle(); // leave the next container a spare
-        process.exit(exitCode);
-      }
-      spareRequests?.cancel(); // this process is the next container's spare
-      if (!(await slot.recycle())) process.exit(exitCode); // one waits already
-      process.chdir('/');
+        logFd,
+        serverLog,
+        spareRequests,
+        log: crashLog,
+      });
+      if (after.kind === 'exit') process.exit(after.code);
       continue;
     }
     await slot.reregister();

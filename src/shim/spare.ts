@@ -6,8 +6,9 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { parseShimArgs, type ShimFlags } from '../cli/shim-flags.js';
 import { isShimError, ShimError } from '../errors.js';
-import { silentLogger, type Logger } from '../log/logger.js';
-import { pidExists as isAlive } from '../procfs.js';
+import { loadConfig } from '../config/config.js';
+import { silentLogger, type Logger, type SwitchableDestination } from '../log/logger.js';
+import { childrenOfThisProcess, openFdCount, pidExists as isAlive } from '../procfs.js';
 import type { StartPlan } from './manager.js';
 import type { ShimServer, SpareMoment } from './serve.js';
 
@@ -247,6 +248,49 @@ export class RecyclePolicy {
     if (s.openFds > this.#fdBaseline) return `${s.openFds - this.#fdBaseline} more open descriptors than after the first container`;
     return undefined;
   }
+}
+
+export interface AfterServingOptions {
+  readonly server: ShimServer;
+  readonly policy: RecyclePolicy;
+  readonly slot: SpareSlot;
+  readonly codeUnchanged: boolean;
+  /** The finished container's log FIFO (2: none), still open in serverLog. */
+  readonly logFd: number;
+  readonly serverLog?: SwitchableDestination;
+  readonly spareRequests?: SpareRequests;
+  readonly log?: Logger;
+}
+
+/**
+ * Once a server that came from a spare has shut down: closes its container's log, then either
+ * waits in the registry again (RecyclePolicy allows it and no other spare waits) or tells the
+ * caller to exit — after booting the next container's spare if one was asked for.
+ */
+export async function afterServing(o: AfterServingOptions): Promise<{ readonly kind: 'recycled' } | { readonly kind: 'exit'; readonly code: number }> {
+  const exitCode = o.server.shutdown.failures.length === 0 ? 0 : 1;
+  const facts: ServerAfterShutdown = {
+    shutdownFailures: o.server.shutdown.failures.length,
+    sparesOn: await loadConfig(o.server.configPath).then(
+      (c) => c.shim.spare,
+      () => false,
+    ),
+    codeUnchanged: o.codeUnchanged,
+    rssBytes: process.memoryUsage.rss(),
+    openFds: openFdCount() - (o.logFd > 2 ? 1 : 0),
+    children: childrenOfThisProcess().filter((pid) => !o.spareRequests?.booted.has(pid)).length,
+  };
+  const whyExit = o.policy.judge(facts);
+  o.log?.debug({ ...facts, whyExit, served: o.policy.served }, whyExit ? 'shim server exits' : 'shim server waits as a spare again');
+  o.serverLog?.switchTo(undefined); // the container's log FIFO closes: containerd's reader sees its end
+  if (whyExit !== undefined) {
+    await o.spareRequests?.settle(); // leave the next container a spare
+    return { kind: 'exit', code: exitCode };
+  }
+  o.spareRequests?.cancel(); // this process is the next container's spare
+  if (!(await o.slot.recycle())) return { kind: 'exit', code: exitCode }; // one waits already
+  process.chdir('/');
+  return { kind: 'recycled' };
 }
 
 /** A spare boots at nice 19 (ensureSpare); claimed, each of its threads takes normal priority back. */

@@ -81,6 +81,12 @@ async function spares(t: Test, version: ContainerdVersion): Promise<void> {
     await until(async () => ((pid = (await liveSpares(registry))[0] ?? 0), pid > 0), 60_000, 'a spare to wait in the registry', 50);
     return pid;
   };
+  const killAndRemove = async (t: Test, id: string): Promise<void> => {
+    await h.ctr(['tasks', 'kill', '-s', 'SIGKILL', id]);
+    await h.waitForTaskStatus(id, 'STOPPED');
+    t.equal((await h.ctr(['tasks', 'rm', id])).code, 0, `${id}: task removed`);
+    t.equal((await h.ctr(['containers', 'rm', id])).code, 0, `${id}: container removed`);
+  };
 
   await t.test('shim.spare false: containers run, and no spare is booted', async (t) => {
     const config = path.join(h.dir, 'no-spare.json');
@@ -111,10 +117,7 @@ async function spares(t: Test, version: ContainerdVersion): Promise<void> {
     const exec = await h.ctr(['tasks', 'exec', '--exec-id', 'e1', 'it-spare-2', '/bin/sh', '-c', 'echo from-exec; exit 5']);
     t.equal(exec.code, 5, exec.err);
     t.match(exec.out, /from-exec/);
-    await h.ctr(['tasks', 'kill', '-s', 'SIGKILL', 'it-spare-2']);
-    await h.waitForTaskStatus('it-spare-2', 'STOPPED');
-    t.equal((await h.ctr(['tasks', 'rm', 'it-spare-2'])).code, 0);
-    t.equal((await h.ctr(['containers', 'rm', 'it-spare-2'])).code, 0);
+    await killAndRemove(t, 'it-spare-2');
     t.same(await h.runscSandboxes(), [], 'no sandbox left');
   });
 
@@ -136,10 +139,7 @@ async function spares(t: Test, version: ContainerdVersion): Promise<void> {
     const exec = await h.ctr(['tasks', 'exec', '--exec-id', 'e2', 'it-recycle-2', '/bin/sh', '-c', 'echo again; exit 4']);
     t.equal(exec.code, 4, exec.err);
     t.match(exec.out, /again/);
-    await h.ctr(['tasks', 'kill', '-s', 'SIGKILL', 'it-recycle-2']);
-    await h.waitForTaskStatus('it-recycle-2', 'STOPPED');
-    t.equal((await h.ctr(['tasks', 'rm', 'it-recycle-2'])).code, 0);
-    t.equal((await h.ctr(['containers', 'rm', 'it-recycle-2'])).code, 0);
+    await killAndRemove(t, 'it-recycle-2');
     t.same(await h.runscSandboxes(), [], 'no sandbox left');
   });
 
@@ -154,12 +154,7 @@ async function spares(t: Test, version: ContainerdVersion): Promise<void> {
     // demand mode every second one would (the next spare boots a second after Start).
     const nodeStarted = ids.filter((id) => new RegExp(`"id":"${id}"[^\\n]*"msg":"shim server started"`).test(h.log));
     t.ok(nodeStarted.length <= 1, `at most the first miss starts Node (did: ${nodeStarted.join(', ') || 'none'})`);
-    for (const id of ids) {
-      await h.ctr(['tasks', 'kill', '-s', 'SIGKILL', id]);
-      await h.waitForTaskStatus(id, 'STOPPED');
-      await h.ctr(['tasks', 'rm', id]);
-      await h.ctr(['containers', 'rm', id]);
-    }
+    for (const id of ids) await killAndRemove(t, id);
     t.same(await h.runscSandboxes(), [], 'no sandbox left');
   });
 

@@ -4,7 +4,7 @@
  * claims it. The launcher is copied into a temporary bin/ so that its registry is the test's own.
  */
 import { spawn } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, fstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, renameSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -12,8 +12,10 @@ import t, { type Test } from 'tap';
 import { ShimError } from '../../src/errors.js';
 import type { StartPlan } from '../../src/shim/manager.js';
 import type { ShimServer } from '../../src/shim/serve.js';
+import { SwitchableDestination } from '../../src/log/logger.js';
 import {
   adoptEnvironment,
+  afterServing,
   binDirOf,
   CodeStamp,
   ensureSpare,
@@ -195,6 +197,54 @@ t.test('recycle: a server whose container is gone waits again under a new name, 
   mkdirSync(join(inst.registry, 'spare.1-1')); // another live process (init) waits as a spare
   t.equal(await slot!.recycle(), false, 'one spare is enough: this one is to exit');
   t.same(await liveSpares(inst.registry), [1]);
+});
+
+t.test('afterServing: closes the container log, then waits as a spare again, or exits leaving a spare behind', async (t) => {
+  const inst = install(t);
+  const dir = mkdtempSync(join(tmpdir(), 'thaw-after-'));
+  const cwd = process.cwd();
+  t.teardown(() => {
+    process.chdir(cwd);
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const config = (spare: boolean): string => {
+    const file = join(dir, `config-${spare}.json`);
+    writeFileSync(file, JSON.stringify({ shim: { spare } }));
+    return file;
+  };
+  const server = (configPath: string): ShimServer => ({ shutdown: { failures: [] }, configPath }) as unknown as ShimServer;
+  const slot = (await SpareSlot.register(inst.registry))!;
+  const claim = (): void => {
+    const name = readdirSync(inst.registry).find((n) => n.startsWith('spare.'))!;
+    renameSync(join(inst.registry, name), join(inst.registry, name.replace('spare.', 'claim.')));
+  };
+  const policy = new RecyclePolicy({ maxContainers: 100, maxRssBytes: 2 ** 40 });
+  const serverLog = new SwitchableDestination();
+
+  claim();
+  let logFd = openSync(join(dir, 'log-1'), 'a');
+  serverLog.switchTo(logFd);
+  let boots = 0;
+  const requests = new SpareRequests(async () => 1000 + ++boots, () => false, 60_000);
+  requests.request('answered');
+  const first = await afterServing({ server: server(config(true)), policy, slot, codeUnchanged: true, logFd, serverLog, spareRequests: requests });
+  t.same(first, { kind: 'recycled' });
+  t.throws(() => fstatSync(logFd), { code: 'EBADF' }, "the container's log is closed");
+  t.same(await liveSpares(inst.registry), [process.pid], 'waiting in the registry again');
+  t.equal(process.cwd(), '/', 'out of the bundle');
+  await requests.settle();
+  t.equal(boots, 0, 'the pending request was dropped: this process is the spare');
+
+  claim();
+  logFd = openSync(join(dir, 'log-2'), 'a');
+  serverLog.switchTo(logFd);
+  const requests2 = new SpareRequests(async () => 1000 + ++boots, () => false, 60_000);
+  requests2.request('answered');
+  const second = await afterServing({ server: server(config(false)), policy, slot, codeUnchanged: true, logFd, serverLog, spareRequests: requests2 });
+  t.same(second, { kind: 'exit', code: 0 }, 'shim.spare off for its container: exit');
+  t.throws(() => fstatSync(logFd), { code: 'EBADF' }, 'its log closed too');
+  t.equal(boots, 1, 'the requested spare booted before exiting');
+  t.same(await liveSpares(inst.registry), [], 'not in the registry');
 });
 
 t.test('RecyclePolicy: only a clean server within its limits waits again', async (t) => {
