@@ -70,8 +70,13 @@ export class ShutdownService {
         resolve();
       }, this.#timeoutMs);
     });
-    const all = Promise.all(this.#callbacks.map(({ name, fn }) => this.#runOne(name, fn, timeout.signal)));
+    const pending = new Set(this.#callbacks);
+    const all = Promise.all(this.#callbacks.map((cb) => this.#runOne(cb.name, cb.fn, timeout.signal).finally(() => pending.delete(cb))));
     await Promise.race([all, timedOut]);
+    // Callbacks still running count as failed: the process is not clean (a recycled server exits instead).
+    if (timeout.signal.aborted) {
+      for (const { name } of pending) this.failures.push({ name, err: new Error(`${name}: timed out after ${this.#timeoutMs} ms`) });
+    }
     clearTimeout(timer);
     this.#resolveDone();
   }

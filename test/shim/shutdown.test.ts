@@ -52,6 +52,7 @@ t.test('the timeout bounds shutdown and aborts the callbacks signal', async (t) 
   const took = Date.now() - t0;
   t.ok(took >= 90 && took < 2000, `took ${took} ms`);
   t.ok(aborted);
+  t.match(sd.failures, [{ name: 'stuck', err: /timed out after 100 ms/ }], 'a callback still running counts as failed');
 });
 
 t.test('a callback registered late still runs', async (t) => {
