@@ -79,6 +79,7 @@ for n in sorted(os.listdir("/dev")):
         nodes.append({"path": p, "type": "c", "major": os.major(r), "minor": os.minor(r), "fileMode": 0o666, "uid": 0, "gid": 0})
 env = [f"{k}={v}" for k, v in os.environ.items() if not k.startswith("NODE") and k not in ("LD_PRELOAD", "LD_LIBRARY_PATH")]
 env += ["LD_LIBRARY_PATH=/usr/local/nvidia/lib64", "PYTHONUNBUFFERED=1", "NVIDIA_VISIBLE_DEVICES=all"]
+env += ["NCCL_NVLS_ENABLE=0", "TORCH_SYMM_MEM_DISABLE_MULTICAST=1", "NVSHMEM_DISABLE_NVLS=1"]  # never NVLink multicast
 caps = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SYS_NICE"]
 mounts = [
     {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -136,6 +137,21 @@ fi
 echo "=== thaw checkpoint"
 t2=$(ts); $T checkpoint gpu1 | tee "$OUT/thaw-checkpoint.json"; t3=$(ts); echo "checkpoint: $(dt $t2 $t3) s"
 $T delete --force gpu1; sleep 1
+# HANG_DUMP_S=N: N s into a restore that has not returned, write what every process of it is doing to
+# $OUT/hang-CUR.txt (with RESTORE_TIMEOUT_S=M, `thaw run` is stopped after M s and the script goes on).
+hang_dump() {
+  echo "=== $(date +%T) processes"; ps -eo pid,ppid,stat,wchan:32,etime,args --forest | grep -v ' \[' | cut -c1-220
+  for p in $(pgrep -f 'criu|runc|thaw|workload|cuda|python'); do
+    echo "=== $p $(tr '\0' ' ' < /proc/$p/cmdline 2>/dev/null | cut -c1-160)"
+    grep -E '^(State|Threads)' /proc/$p/status 2>/dev/null
+    for t in /proc/$p/task/*; do echo "-- $(basename $t) $(cat $t/comm) $(cat $t/wchan 2>/dev/null)"; head -8 $t/stack 2>/dev/null; done | head -60
+  done
+  echo "=== CRIU logs"; for f in $(find "$W/state" -name '*.log' -newer "$OUT/thaw-checkpoint.json" 2>/dev/null); do echo "--- $f"; tail -40 "$f"; done
+  echo "=== thaw run log"; tail -c 6000 "$OUT/thaw-run-$CUR.log"
+  echo "=== app output"; tail -20 "$W/$CUR.log" 2>/dev/null
+  echo "=== nvidia-smi"; nvidia-smi 2>&1 | head -40
+  echo "=== dmesg"; dmesg 2>&1 | tail -20
+}
 failed=0
 for r in $(seq 1 "$REPS"); do
   for cache in $CACHES; do
@@ -155,7 +171,10 @@ for r in $(seq 1 "$REPS"); do
       queue ping; nping=$n
     }
     [ "$QUEUE" = 1 ] && timed
-    t4=$(ts); $TI run --bundle "$W/bundle" --id "$CUR" --detach --output "$W/$CUR.log" > "$OUT/thaw-run-$CUR.json" 2> "$OUT/thaw-run-$CUR.log"; rc=$?; t5=$(ts)
+    dumper=
+    [ -n "${HANG_DUMP_S:-}" ] && { (sleep "$HANG_DUMP_S"; hang_dump > "$OUT/hang-$CUR.txt" 2>&1) & dumper=$!; }
+    t4=$(ts); ${RESTORE_TIMEOUT_S:+timeout $RESTORE_TIMEOUT_S} $TI run --bundle "$W/bundle" --id "$CUR" --detach --output "$W/$CUR.log" > "$OUT/thaw-run-$CUR.json" 2> "$OUT/thaw-run-$CUR.log"; rc=$?; t5=$(ts)
+    [ -n "$dumper" ] && kill "$dumper" 2>/dev/null
     [ "$QUEUE" = 1 ] || timed
     if [ "$rc" != 0 ]; then
       echo "=== thaw run $CUR failed (rc $rc)"; cat "$OUT/thaw-run-$CUR.json"; tail -c 3000 "$OUT/thaw-run-$CUR.log"; failed=1; break 2

@@ -168,7 +168,12 @@ def rank_main(conn, args, rank):
 class NcclGroup:
     """--nccl: this rank's membership of the ranks' NCCL process group (file store in --ctl)."""
 
+    # NVLink multicast (NVLS) stays off whatever the caller's environment says: the lent multi-GPU
+    # machines must never use it (and a CUDA checkpoint has no answer for multicast objects).
+    NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
     def __init__(self, torch, args, rank):
+        os.environ.update(self.NO_MULTICAST)  # before NCCL reads its environment
         import torch.distributed as dist
 
         self.torch, self.dist, self.args, self.rank, self.generation = torch, dist, args, rank, 0

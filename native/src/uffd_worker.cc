@@ -7,6 +7,8 @@
 
 #include <cerrno>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <utility>
 
 #include "napi_errors.h"
@@ -114,71 +116,92 @@ class HashWorker : public PromiseWorker {
   Failure failure_;
 };
 
-// fill(): resolves with the outcome in every case (ok or not), so the caller always learns which
+// fill()'s answer: the outcome in every case (ok or not), so the caller always learns which
 // userfaultfds are still open — it must kill the target before closing them.
-class FillWorker : public PromiseWorker {
- public:
-  FillWorker(Napi::Env env, FillOptions options) : PromiseWorker(env, "fill"), options_(std::move(options)) {}
-
- protected:
-  int Work() override {
-    RunFill(options_, &result_);
-    return 0;
+Napi::Object FillResultObject(Napi::Env env, const FillOptions& options, const FillResult& result) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("ok", !result.failure.failed() && !result.canceled);
+  o.Set("canceled", result.canceled);
+  if (result.failure.failed()) {
+    Napi::Object f = Napi::Object::New(env);
+    f.Set("op", result.failure.op);
+    f.Set("errno", result.failure.err);
+    f.Set("message", result.failure.message);
+    o.Set("error", f);
   }
-  Napi::Value Result(Napi::Env env) override {
-    Napi::Object o = Napi::Object::New(env);
-    o.Set("ok", !result_.failure.failed() && !result_.canceled);
-    o.Set("canceled", result_.canceled);
-    if (result_.failure.failed()) {
-      Napi::Object f = Napi::Object::New(env);
-      f.Set("op", result_.failure.op);
-      f.Set("errno", result_.failure.err);
-      f.Set("message", result_.failure.message);
-      o.Set("error", f);
-    }
-    o.Set("bytesRead", static_cast<double>(result_.bytes_read));
-    o.Set("startMs", result_.start_ms);
-    o.Set("fillMs", result_.fill_ms);
-    o.Set("durationMs", result_.duration_ms);
-    o.Set("faultWaitMaxUs", result_.fault_wait_max_us);
-    if (options_.hash) {
-      o.Set("hash", result_.hash_hex);
-      o.Set("hashedBytes", static_cast<double>(result_.hashed_bytes));
-    }
-    Napi::Array targets = Napi::Array::New(env, result_.targets.size());
-    for (size_t i = 0; i < result_.targets.size(); i++) {
-      const TargetStats& s = result_.targets[i];
-      Napi::Object t = Napi::Object::New(env);
-      t.Set("uffd", s.uffd);
-      t.Set("forked", s.forked);
-      t.Set("exited", s.exited);
-      t.Set("closed", s.closed_fd);
-      t.Set("totalPages", static_cast<double>(s.total_pages));
-      t.Set("pagesCopied", static_cast<double>(s.pages_copied));
-      t.Set("pagesExisting", static_cast<double>(s.pages_existing));
-      t.Set("pagesDropped", static_cast<double>(s.pages_dropped));
-      t.Set("pagesVanished", static_cast<double>(s.pages_vanished));
-      t.Set("pagesLeft", static_cast<double>(s.pages_left));
-      t.Set("pagesRaced", static_cast<double>(s.pages_raced));
-      t.Set("faults", static_cast<double>(s.faults));
-      t.Set("faultPagesCopied", static_cast<double>(s.fault_pages_copied));
-      t.Set("zeroPages", static_cast<double>(s.zero_pages));
-      Napi::Object ev = Napi::Object::New(env);
-      ev.Set("fork", static_cast<double>(s.events_fork));
-      ev.Set("remap", static_cast<double>(s.events_remap));
-      ev.Set("remove", static_cast<double>(s.events_remove));
-      ev.Set("unmap", static_cast<double>(s.events_unmap));
-      t.Set("events", ev);
-      targets.Set(i, t);
-    }
-    o.Set("targets", targets);
-    return o;
+  o.Set("bytesRead", static_cast<double>(result.bytes_read));
+  o.Set("startMs", result.start_ms);
+  o.Set("fillMs", result.fill_ms);
+  o.Set("durationMs", result.duration_ms);
+  o.Set("faultWaitMaxUs", result.fault_wait_max_us);
+  if (options.hash) {
+    o.Set("hash", result.hash_hex);
+    o.Set("hashedBytes", static_cast<double>(result.hashed_bytes));
   }
+  Napi::Array targets = Napi::Array::New(env, result.targets.size());
+  for (size_t i = 0; i < result.targets.size(); i++) {
+    const TargetStats& s = result.targets[i];
+    Napi::Object t = Napi::Object::New(env);
+    t.Set("uffd", s.uffd);
+    t.Set("forked", s.forked);
+    t.Set("exited", s.exited);
+    t.Set("closed", s.closed_fd);
+    t.Set("totalPages", static_cast<double>(s.total_pages));
+    t.Set("pagesCopied", static_cast<double>(s.pages_copied));
+    t.Set("pagesExisting", static_cast<double>(s.pages_existing));
+    t.Set("pagesDropped", static_cast<double>(s.pages_dropped));
+    t.Set("pagesVanished", static_cast<double>(s.pages_vanished));
+    t.Set("pagesLeft", static_cast<double>(s.pages_left));
+    t.Set("pagesRaced", static_cast<double>(s.pages_raced));
+    t.Set("faults", static_cast<double>(s.faults));
+    t.Set("faultPagesCopied", static_cast<double>(s.fault_pages_copied));
+    t.Set("zeroPages", static_cast<double>(s.zero_pages));
+    Napi::Object ev = Napi::Object::New(env);
+    ev.Set("fork", static_cast<double>(s.events_fork));
+    ev.Set("remap", static_cast<double>(s.events_remap));
+    ev.Set("remove", static_cast<double>(s.events_remove));
+    ev.Set("unmap", static_cast<double>(s.events_unmap));
+    t.Set("events", ev);
+    targets.Set(i, t);
+  }
+  o.Set("targets", targets);
+  return o;
+}
 
- private:
-  FillOptions options_;
-  FillResult result_;
+// A fill runs for the whole restore, one per restored task, so it gets a thread of its own instead
+// of one of libuv's pool threads (four unless UV_THREADPOOL_SIZE says otherwise): four tasks' fills
+// held every pool thread, and the next receive() — and the fifth task's fill — never ran; a restore
+// of four processes with lazy pages hung (4 H100s, NCCL ranks). The promise is settled on the main
+// thread through a thread-safe function, which also keeps the event loop alive meanwhile.
+struct FillJob {
+  FillJob(Napi::Env env, FillOptions o) : options(std::move(o)), deferred(Napi::Promise::Deferred::New(env)) {}
+  FillOptions options;
+  FillResult result;
+  Napi::Promise::Deferred deferred;
 };
+
+Napi::Promise StartFill(Napi::Env env, FillOptions options) {
+  auto* job = new FillJob(env, std::move(options));
+  Napi::Promise promise = job->deferred.Promise();
+  auto done = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), "thaw-uffd-fill", 0, 1);
+  try {
+    std::thread([job, done]() mutable {
+      RunFill(job->options, &job->result);
+      napi_status st = done.BlockingCall(job, [](Napi::Env env, Napi::Function, FillJob* j) {
+        Napi::HandleScope scope(env);
+        j->deferred.Resolve(FillResultObject(env, j->options, j->result));
+        delete j;
+      });
+      if (st != napi_ok) delete job;  // the environment is going away: nobody waits for the answer
+      done.Release();
+    }).detach();
+  } catch (const std::system_error& e) {
+    done.Release();
+    job->deferred.Reject(ErrnoError(env, "fill thread", e.code().value()).Value());
+    delete job;
+  }
+  return promise;
+}
 
 // Copies a BigUint64Array of `width`-tuples.
 std::vector<uint64_t> U64Tuples(Napi::Env env, Napi::Value v, const char* name, size_t width) {
@@ -253,10 +276,7 @@ Napi::Value Fill(const Napi::CallbackInfo& info) {
   for (size_t i = 0; i < ch.size(); i += 2) f.chunks.push_back({ch[i], ch[i + 1]});
   if (f.chunks.size() > UINT32_MAX) throw Napi::RangeError::New(env, "too many chunks");
   if (f.threads < 1 || f.threads > 256) throw Napi::RangeError::New(env, "threads must be 1..256");
-  auto* w = new FillWorker(env, std::move(f));
-  Napi::Promise p = w->Promise();
-  w->Queue();
-  return p;
+  return StartFill(env, std::move(f));
 }
 
 Napi::Value CreateCancel(const Napi::CallbackInfo& info) {

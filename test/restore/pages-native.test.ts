@@ -184,6 +184,28 @@ if (skip) {
       b.close(cancelFd);
     });
 
+    t.test('more fills at once than libuv has pool threads: each task is served, and pool work still runs', async (t) => {
+      // One fill per restored task runs for the whole restore (a container of several processes).
+      // On libuv's pool (4 threads by default) the fifth handshake's accept, or the fifth fill,
+      // never ran while four gated fills waited: the restore of 4 NCCL ranks hung.
+      const TASKS = 6;
+      const gate = b.createCancel();
+      const apps: Spawned[] = [];
+      const fills: Promise<Awaited<ReturnType<UffdBinding['fill']>>>[] = [];
+      for (let i = 0; i < TASKS; i++) {
+        const { app, task, cancelFd } = await handshake(['verify']);
+        apps.push(app);
+        fills.push(b.fill(fillOptions(task.uffd, cancelFd, { threads: 1, startFd: gate })));
+      }
+      const hashed = await b.hashFile(pagesPath, gate); // pool work while every fill waits at the gate
+      t.equal(hashed.bytes, PAGES * 4096, 'a pool operation completes meanwhile');
+      const exits = await Promise.all(apps.map((a) => a.exit));
+      exits.forEach((e, i) => t.equal(e.code, 0, `task ${i + 1} got every page through its faults: ${apps[i]!.output()}`));
+      b.cancel(gate);
+      for (const r of await Promise.all(fills)) t.ok(r.ok, JSON.stringify(r.error));
+      b.close(gate);
+    });
+
     t.test('accept and receive time out and cancel', async (t) => {
       const socket = join(dir, 'idle.sock');
       const listenFd = b.listen(socket);
