@@ -155,8 +155,8 @@ def rank_main(conn, args, rank):
         except EOFError:
             return
         try:
-            if cmd in ("nccl-down", "nccl-up") and nccl is not None:
-                res = nccl.down() if cmd == "nccl-down" else nccl.up()
+            if cmd.startswith("nccl-") and nccl is not None:
+                res = nccl.down() if cmd == "nccl-down" else nccl.up(cmd.partition(":")[2])
             else:
                 res = w.ping() if cmd == "ping" else w.verify() if cmd == "verify" else {"ok": False, "error": f"{cmd!r} is not relayed"}
         except Exception as e:
@@ -179,9 +179,11 @@ class NcclGroup:
         self.torch, self.dist, self.args, self.rank, self.generation = torch, dist, args, rank, 0
         self._init()
 
-    def _init(self):
+    def _init(self, nonce=""):
         self.generation += 1
-        store = os.path.join(self.args.ctl, f"nccl-store-{self.generation}")
+        # Every restore of one snapshot comes back with the same generation: the coordinator's nonce
+        # keeps a second restore from meeting the first one's rendezvous file.
+        store = os.path.join(self.args.ctl, f"nccl-store-{self.generation}" + (f"-{nonce}" if nonce else ""))
         self.dist.init_process_group("nccl", init_method=f"file://{store}", rank=self.rank, world_size=self.args.world)
 
     def check(self):
@@ -200,10 +202,10 @@ class NcclGroup:
         self.torch.cuda.synchronize()
         return {"ok": True, "rank": self.rank, "downS": round(now() - t0, 3)}
 
-    def up(self):
+    def up(self, nonce=""):
         """After a restore: the group formed again, checked with an all-reduce."""
         t0 = now()
-        self._init()
+        self._init(nonce)
         res = self.check()
         res.update({"rank": self.rank, "upS": round(now() - t0, 3)})
         return res
@@ -232,7 +234,8 @@ class RankGroup:
         return self._collective("nccl-down", self.nccl.down)
 
     def nccl_up(self):
-        return self._collective("nccl-up", self.nccl.up)
+        nonce = str(time.time_ns())
+        return self._collective(f"nccl-up:{nonce}", lambda: self.nccl.up(nonce))
 
     def ping(self):
         return self._all("ping", self.own.ping())
