@@ -60,6 +60,15 @@ export function fdTarget(fd: number | string, pid: number | 'self' = 'self'): st
   }
 }
 
+/** A process's working directory ('' when it cannot be read). */
+export function cwdOf(pid: number): string {
+  try {
+    return readlinkSync(`/proc/${pid}/cwd`);
+  } catch {
+    return '';
+  }
+}
+
 /** Processes (this one excepted) holding an open file whose path starts with one of `prefixes`. */
 export function holdersOf(prefixes: readonly string[], pids: Iterable<number> = allPids()): number[] {
   const out: number[] = [];

@@ -263,11 +263,12 @@ export interface AfterServingOptions {
 }
 
 /**
- * Once a server that came from a spare has shut down: closes its container's log, then either
+ * Waits until a server that came from a spare has shut down; then closes its container's log and either
  * waits in the registry again (RecyclePolicy allows it and no other spare waits) or tells the
  * caller to exit — after booting the next container's spare if one was asked for.
  */
 export async function afterServing(o: AfterServingOptions): Promise<{ readonly kind: 'recycled' } | { readonly kind: 'exit'; readonly code: number }> {
+  await o.server.done;
   const exitCode = o.server.shutdown.failures.length === 0 ? 0 : 1;
   const facts: ServerAfterShutdown = {
     shutdownFailures: o.server.shutdown.failures.length,

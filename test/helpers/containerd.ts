@@ -12,6 +12,7 @@ import { chmod, copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat, writeFile
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { cwdOf } from '../../src/procfs.js';
 
 /** The checkout's root: the nearest directory above this file with a package.json (also from dist/). */
 export const repo = findRepo(path.dirname(fileURLToPath(import.meta.url)));
@@ -101,6 +102,15 @@ function cmdlineOf(pid: number): string[] {
   } catch {
     return [];
   }
+}
+
+/**
+ * Whether a shim server is done with its container: exited, or (one that came from a spare)
+ * waiting as a spare again, out of the bundle (src/shim/spare.ts `afterServing`).
+ */
+export function shimServerDone(pid: number): boolean {
+  const cwd = cwdOf(pid);
+  return cwd === '' || cwd === '/';
 }
 
 /** Pids of live processes whose argv satisfies `match`. */
@@ -576,9 +586,12 @@ export class ContainerdHarness {
     }
     this.#scanBundles();
     await this.stopContainerd();
-    // Shim servers that outlived their tasks (they run in their own session: kill the group).
+    // Shim servers that outlived their tasks (they run in their own session: kill the group). A
+    // server that came from a spare may since wait as a spare again or serve another test's
+    // container (recycled, src/shim/spare.ts): only one still in a bundle of ours is ours to kill.
     for (const pid of this.#tracked.shimPids) {
       if (!cmdlineOf(pid).some((a) => a.includes(SHIM_BINARY) || a.includes('containerd-shim'))) continue;
+      if (!cwdOf(pid).startsWith(`${this.dir}/`)) continue; // a shim server runs in its container's bundle
       try {
         process.kill(-pid, 'SIGKILL');
       } catch {

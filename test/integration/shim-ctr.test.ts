@@ -20,6 +20,7 @@ import {
   readLines,
   until,
   type ContainerdVersion,
+  shimServerDone,
 } from '../helpers/containerd.js';
 import { buildDemoImage, imageToolsMissing, ticksOf } from '../helpers/oci-image.js';
 
@@ -147,7 +148,7 @@ async function lifecycle(t: Test, version: ContainerdVersion): Promise<void> {
       t.match(rm.err, /exit code 143/, 'SIGTERM exit status (128 + 15)');
       const c = await h.ctr(['containers', 'rm', id]);
       t.equal(c.code, 0, c.err);
-      await until(() => !alive(shimPid), 15_000, 'the shim server to exit');
+      await until(() => shimServerDone(shimPid), 15_000, 'the shim server to exit or wait as a spare again');
       t.same(await h.runscSandboxes(), [], 'no runsc sandbox left');
       t.notOk(readFileSync('/proc/self/mounts', 'utf8').includes(bundle), 'no mount of the bundle');
       t.notOk(existsSync(bundle), 'bundle removed');

@@ -19,7 +19,8 @@ import { TaskOOMSchema } from '../../src/gen/containerd/events/task_pb.js';
 import { DeleteResponseSchema, Task } from '../../src/gen/containerd/task/v2/shim_pb.js';
 import { Publisher } from '../../src/task/publisher.js';
 import { TtrpcClient } from '../../src/ttrpc/client.js';
-import { pidExists as alive } from '../../src/procfs.js';
+import { cwdOf, pidExists as alive } from '../../src/procfs.js';
+import { shimServerDone } from '../helpers/containerd.js';
 
 const repo = fileURLToPath(new URL('../../', import.meta.url));
 const SHIM = 'containerd-shim-thaw-v2';
@@ -189,6 +190,8 @@ async function main(t: Test): Promise<void> {
   t.teardown(async () => {
     for (const child of children) child.kill('SIGKILL');
     for (const pid of shimPids) {
+      // A server recycled as a spare may serve another test's container by now: ours only in our bundles.
+      if (!cwdOf(pid).startsWith(`${ctd}/`)) continue;
       try {
         process.kill(-pid, 'SIGKILL');
       } catch {
@@ -343,7 +346,7 @@ async function main(t: Test): Promise<void> {
       await client.service(Task).shutdown({ id }, { timeoutMs: 5000 }).catch(() => undefined);
       await client.whenClosed();
     }
-    if (shimPid > 0) await until(() => !alive(shimPid), 10_000, 'the shim server to exit');
+    if (shimPid > 0) await until(() => shimServerDone(shimPid), 10_000, 'the shim server to exit or wait as a spare again');
     t.notOk(existsSync(address.slice('unix://'.length)), 'socket removed on shutdown');
     t.ok(ctdLog.join('').includes('"msg":"shim serving"'), "the server's log reached containerd through the bundle's log FIFO");
     // Once the server is gone containerd treats the shim as dead and runs our `delete` verb. The

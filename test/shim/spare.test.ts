@@ -212,7 +212,9 @@ t.test('afterServing: closes the container log, then waits as a spare again, or 
     writeFileSync(file, JSON.stringify({ shim: { spare } }));
     return file;
   };
-  const server = (configPath: string): ShimServer => ({ shutdown: { failures: [] }, configPath }) as unknown as ShimServer;
+  let shutDown = (): void => undefined;
+  const server = (configPath: string, done: Promise<void> = Promise.resolve()): ShimServer =>
+    ({ shutdown: { failures: [] }, configPath, done }) as unknown as ShimServer;
   const slot = (await SpareSlot.register(inst.registry))!;
   const claim = (): void => {
     const name = readdirSync(inst.registry).find((n) => n.startsWith('spare.'))!;
@@ -227,7 +229,21 @@ t.test('afterServing: closes the container log, then waits as a spare again, or 
   let boots = 0;
   const requests = new SpareRequests(async () => 1000 + ++boots, () => false, 60_000);
   requests.request('answered');
-  const first = await afterServing({ server: server(config(true)), policy, slot, codeUnchanged: true, logFd, serverLog, spareRequests: requests });
+  let settled = false;
+  const running = afterServing({
+    server: server(config(true), new Promise<void>((r) => (shutDown = r))),
+    policy,
+    slot,
+    codeUnchanged: true,
+    logFd,
+    serverLog,
+    spareRequests: requests,
+  }).finally(() => (settled = true));
+  await new Promise((r) => setTimeout(r, 50));
+  t.notOk(settled, 'nothing happens while the server still serves its container');
+  t.doesNotThrow(() => fstatSync(logFd), 'its log stays open meanwhile');
+  shutDown();
+  const first = await running;
   t.same(first, { kind: 'recycled' });
   t.throws(() => fstatSync(logFd), { code: 'EBADF' }, "the container's log is closed");
   t.same(await liveSpares(inst.registry), [process.pid], 'waiting in the registry again');
