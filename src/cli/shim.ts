@@ -138,7 +138,7 @@ async function serveShim(
   // Before any runsc: sandboxes become this server's children, so exits are reaped, not polled.
   enableChildReaper({ log });
   const registry = spareRegistry(binDirOf(process.argv[1]!));
-  spareRequests = new SpareRequests(() => bootSpare(log), () => sparesInDemand(registry));
+  spareRequests = new SpareRequests(() => bootSpare(log, registry), () => sparesInDemand(registry));
   return serve(
     {
       flags,
@@ -154,14 +154,10 @@ async function serveShim(
 }
 
 /** Boots a spare for the next container unless one waits or boots already (src/shim/spare.ts). */
-async function bootSpare(log: Logger): Promise<number | undefined> {
+async function bootSpare(log: Logger, registry: string): Promise<number | undefined> {
   try {
-    const [{ ensureSpare, spareRegistry, binDirOf }, { defaultServeCommand }] = await Promise.all([
-      import('../shim/spare.js'),
-      import('../shim/manager.js'),
-    ]);
-    const command = defaultServeCommand();
-    return await ensureSpare({ registry: spareRegistry(binDirOf(command.args.at(-1)!)), command, log });
+    const [{ ensureSpare }, { defaultServeCommand }] = await Promise.all([import('../shim/spare.js'), import('../shim/manager.js')]);
+    return await ensureSpare({ registry, command: defaultServeCommand(), log });
   } catch (err) {
     log.warn({ err }, 'no spare shim server: the next container starts one');
     return undefined;
@@ -184,8 +180,6 @@ async function runSpare(): Promise<never> {
   const slot = await spare.SpareSlot.register(spare.spareRegistry(binDir));
   if (slot === undefined) process.exit(0); // another spare waits already
   void import('../task/service.js').catch(() => undefined);
-  let logFd = 2;
-  const logFdFor = (bundle: string): number => (logFd = manager.openShimLog(bundle) ?? 2);
   const recycling = new spare.RecyclePolicy();
   for (;;) {
     // A spare of code that was rebuilt or removed (a test build) leaves instead of waiting forever.
@@ -198,7 +192,7 @@ async function runSpare(): Promise<never> {
       planStart: manager.planStart,
       writeStartFiles: manager.writeStartFiles,
       serve: (plan, bundle) =>
-        serveShim(plan.serveFlags, { logFd: logFdFor(bundle), runtimeOptions: plan.runtimeOptions, servedBefore: recycling.served }),
+        serveShim(plan.serveFlags, { logFd: manager.openShimLog(bundle) ?? 2, runtimeOptions: plan.runtimeOptions, servedBefore: recycling.served }),
       onAccepted: spare.takeNormalPriority,
       binary: BINARY,
     });
@@ -209,7 +203,6 @@ async function runSpare(): Promise<never> {
         policy: recycling,
         slot,
         codeUnchanged: code.unchanged(),
-        logFd,
         serverLog,
         spareRequests,
         log: crashLog,

@@ -38,6 +38,11 @@ export class SwitchableDestination implements DestinationStream {
     this.#current?.write(line);
   }
 
+  /** The descriptor lines go to now (undefined: nowhere). */
+  get fd(): number | undefined {
+    return this.#fd;
+  }
+
   /**
    * From now on lines go to `fd` (undefined: nowhere). The previous descriptor is flushed and
    * closed (not 1 or 2): a FIFO's reader then sees its end.

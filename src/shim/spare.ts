@@ -255,8 +255,7 @@ export interface AfterServingOptions {
   readonly policy: RecyclePolicy;
   readonly slot: SpareSlot;
   readonly codeUnchanged: boolean;
-  /** The finished container's log FIFO (2: none), still open in serverLog. */
-  readonly logFd: number;
+  /** Where the server logs: the finished container's log FIFO, closed here. */
   readonly serverLog?: SwitchableDestination;
   readonly spareRequests?: SpareRequests;
   readonly log?: Logger;
@@ -278,7 +277,7 @@ export async function afterServing(o: AfterServingOptions): Promise<{ readonly k
     ),
     codeUnchanged: o.codeUnchanged,
     rssBytes: process.memoryUsage.rss(),
-    openFds: openFdCount() - (o.logFd > 2 ? 1 : 0),
+    openFds: openFdCount() - ((o.serverLog?.fd ?? 2) > 2 ? 1 : 0), // the log FIFO is still open
     children: childrenOfThisProcess().filter((pid) => !o.spareRequests?.booted.has(pid)).length,
   };
   const whyExit = o.policy.judge(facts);

@@ -235,7 +235,6 @@ t.test('afterServing: closes the container log, then waits as a spare again, or 
     policy,
     slot,
     codeUnchanged: true,
-    logFd,
     serverLog,
     spareRequests: requests,
   }).finally(() => (settled = true));
@@ -256,7 +255,7 @@ t.test('afterServing: closes the container log, then waits as a spare again, or 
   serverLog.switchTo(logFd);
   const requests2 = new SpareRequests(async () => 1000 + ++boots, () => false, 60_000);
   requests2.request('answered');
-  const second = await afterServing({ server: server(config(false)), policy, slot, codeUnchanged: true, logFd, serverLog, spareRequests: requests2 });
+  const second = await afterServing({ server: server(config(false)), policy, slot, codeUnchanged: true, serverLog, spareRequests: requests2 });
   t.same(second, { kind: 'exit', code: 0 }, 'shim.spare off for its container: exit');
   t.throws(() => fstatSync(logFd), { code: 'EBADF' }, 'its log closed too');
   t.equal(boots, 1, 'the requested spare booted before exiting');
