@@ -14,9 +14,13 @@ const BINARY = 'containerd-shim-thaw-v2';
 // Declared before main() runs: top-level await starts it right below.
 /** Where every logger of the server writes: the log FIFO of the container it serves now. */
 let serverLog: SwitchableDestination | undefined;
-/** The logger of the container served now, for Node's report of a crash. */
-let crashLog: Logger | undefined;
-/** The server's requests for the next container's spare (the Task service makes them after Start and Delete). */
+/** The logger of the container served now: Node's report of a crash, spare boots. */
+let containerLog: Logger | undefined;
+/**
+ * The server's requests for the next container's spare (the Task service makes them after Start
+ * and Delete). One per process, not per container: a recycled server must still know the spares it
+ * booted for earlier containers — they stay its children, and are no leftover of its last one.
+ */
 let spareRequests: SpareRequests | undefined;
 
 process.exitCode = await main(process.argv.slice(2));
@@ -132,13 +136,13 @@ async function serveShim(
     shim: flags.id,
   });
   // A claimed spare's stderr is /dev/null, not the log FIFO: Node's own report of a crash would be lost.
-  if (crashLog === undefined) process.on('uncaughtExceptionMonitor', (err, origin) => crashLog?.fatal({ err, origin }, 'shim server crashed'));
-  crashLog = log;
+  if (containerLog === undefined) process.on('uncaughtExceptionMonitor', (err, origin) => containerLog?.fatal({ err, origin }, 'shim server crashed'));
+  containerLog = log;
   if (opts.servedBefore) log.info({ servedBefore: opts.servedBefore }, 'a recycled shim server serves this container');
   // Before any runsc: sandboxes become this server's children, so exits are reaped, not polled.
   enableChildReaper({ log });
   const registry = spareRegistry(binDirOf(process.argv[1]!));
-  spareRequests = new SpareRequests(() => bootSpare(log, registry), () => sparesInDemand(registry));
+  spareRequests ??= new SpareRequests(() => bootSpare(containerLog ?? log, registry), () => sparesInDemand(registry));
   return serve(
     {
       flags,
@@ -176,14 +180,15 @@ async function runSpare(): Promise<never> {
   await Promise.all([import('../shim/serve.js'), import('../log/logger.js'), import('../task/lazy-service.js'), import('../runsc/reaper.js')]);
   (await import('../runsc/reaper-native.js')).loadReaperAddon(); // dlopen now; enableChildReaper then finds it loaded
   const binDir = spare.binDirOf(process.argv[1]!);
+  const registry = spare.spareRegistry(binDir);
   const code = new spare.CodeStamp(binDir);
-  const slot = await spare.SpareSlot.register(spare.spareRegistry(binDir));
+  const slot = await spare.SpareSlot.register(registry);
   if (slot === undefined) process.exit(0); // another spare waits already
   void import('../task/service.js').catch(() => undefined);
   const recycling = new spare.RecyclePolicy();
   for (;;) {
-    // A spare of code that was rebuilt or removed (a test build) leaves instead of waiting forever.
-    const stopWatching = spare.retireWhenCodeChanges(slot, code, () => process.exit(0));
+    // A spare of code that was rebuilt or removed (a test build), or one too many, leaves.
+    const stopWatching = spare.retireWhenUnneeded(slot, () => spare.whySpareUnneeded({ code, registry }), () => process.exit(0));
     const claim = await slot.waitForClaim().catch(() => undefined); // a broken claim: `start` goes on without us
     stopWatching();
     if (claim === undefined) process.exit(0);
@@ -205,7 +210,8 @@ async function runSpare(): Promise<never> {
         codeUnchanged: code.unchanged(),
         serverLog,
         spareRequests,
-        log: crashLog,
+        inDemand: () => spare.sparesInDemand(registry),
+        log: containerLog,
       });
       if (after.kind === 'exit') process.exit(after.code);
       continue;

@@ -91,24 +91,49 @@ export class CodeStamp {
   }
 }
 
-/** How often a waiting spare checks that its code is still what it booted. */
-const CODE_CHECK_MS = 30_000;
+/** How often a waiting spare checks whether it is still needed (its code unchanged, not surplus). */
+const UNNEEDED_CHECK_MS = 5_000;
 
 /**
- * While a spare waits: retires it and calls `gone` once its code changed (a claim that came first
- * wins: retire() then finds the spare claimed). Returns the function that stops the watch.
+ * While a spare waits: every `intervalMs` asks `whyUnneeded`; once it names a reason, retires the
+ * spare and calls `gone` (a claim that came first wins: retire() then finds the spare claimed, and
+ * the wait returns that claim). Returns the function that stops the watch.
  */
-export function retireWhenCodeChanges(slot: SpareSlot, code: CodeStamp, gone: () => void, intervalMs = CODE_CHECK_MS): () => void {
+export function retireWhenUnneeded(
+  slot: SpareSlot,
+  whyUnneeded: () => Promise<string | undefined>,
+  gone: (why: string) => void,
+  intervalMs = UNNEEDED_CHECK_MS,
+): () => void {
+  let checking = false;
   const timer = setInterval(() => {
-    if (code.unchanged()) return;
-    clearInterval(timer);
-    void slot.retire().then(
-      (retired) => retired && gone(),
-      () => gone(),
-    );
+    if (checking) return;
+    checking = true;
+    void whyUnneeded()
+      .catch(() => undefined)
+      .then(async (why) => {
+        if (why === undefined) return;
+        clearInterval(timer);
+        const retired = await slot.retire().catch(() => true);
+        if (retired) gone(why);
+      })
+      .finally(() => (checking = false));
   }, intervalMs);
   timer.unref();
   return () => clearInterval(timer);
+}
+
+/**
+ * Why a waiting spare should leave: its code was rebuilt or removed (a test build), or it is
+ * surplus — spares are no longer in demand and another one waits. Of two waiting spares the one
+ * with the higher pid leaves, so that they never both do.
+ */
+export async function whySpareUnneeded(o: { code: CodeStamp; registry: string; pid?: number; now?: number }): Promise<string | undefined> {
+  if (!o.code.unchanged()) return 'the installed code changed';
+  if (sparesInDemand(o.registry, DEMAND_WINDOW_MS, o.now)) return undefined;
+  const self = o.pid ?? process.pid;
+  const others = (await liveSpares(o.registry)).filter((pid) => pid !== self);
+  return others.some((pid) => pid < self) ? 'another spare waits and none are in demand' : undefined;
 }
 
 /**
@@ -126,6 +151,16 @@ const MISSED = 'missed';
 
 /** For this long after a miss, spares boot as early as they can (SpareRequests). */
 export const DEMAND_WINDOW_MS = 10_000;
+
+/**
+ * How many spares may wait while they are in demand: a server whose container ended waits beside
+ * the spare it (or another server) booted meanwhile, instead of exiting — otherwise, after a
+ * miss, every container's server boots the next spare during its Create and then exits, and no
+ * container is ever served by a recycled server until the demand ends (1.30× the runc shim in
+ * the first bench after a rebuild, docs/bench/shim-overhead.md). Outside demand one is enough;
+ * the surplus one leaves (whySpareUnneeded).
+ */
+export const MAX_SPARES_IN_DEMAND = 2;
 
 /** Whether a `start` of this registry found no spare waiting within the last `windowMs`. */
 export function sparesInDemand(registry: string, windowMs = DEMAND_WINDOW_MS, now = Date.now()): boolean {
@@ -258,13 +293,16 @@ export interface AfterServingOptions {
   /** Where the server logs: the finished container's log FIFO, closed here. */
   readonly serverLog?: SwitchableDestination;
   readonly spareRequests?: SpareRequests;
+  /** Whether spares are in demand now (sparesInDemand): then it may wait beside another spare. */
+  readonly inDemand?: () => boolean;
   readonly log?: Logger;
 }
 
 /**
  * Waits until a server that came from a spare has shut down; then closes its container's log and either
- * waits in the registry again (RecyclePolicy allows it and no other spare waits) or tells the
- * caller to exit — after booting the next container's spare if one was asked for.
+ * waits in the registry again (RecyclePolicy allows it, and no other spare waits — or one, while
+ * spares are in demand) or tells the caller to exit, after booting the next container's spare if
+ * one was asked for.
  */
 export async function afterServing(o: AfterServingOptions): Promise<{ readonly kind: 'recycled' } | { readonly kind: 'exit'; readonly code: number }> {
   await o.server.done;
@@ -288,7 +326,8 @@ export async function afterServing(o: AfterServingOptions): Promise<{ readonly k
     return { kind: 'exit', code: exitCode };
   }
   o.spareRequests?.cancel(); // this process is the next container's spare
-  if (!(await o.slot.recycle())) return { kind: 'exit', code: exitCode }; // one waits already
+  const room = o.inDemand?.() ? MAX_SPARES_IN_DEMAND : 1;
+  if (!(await o.slot.recycle(room))) return { kind: 'exit', code: exitCode }; // enough wait already
   process.chdir('/');
   return { kind: 'recycled' };
 }
@@ -419,10 +458,10 @@ export class SpareSlot {
 
   /**
    * A server that finished its containers waits as a spare again (RecyclePolicy said it may);
-   * false when another spare waits already (one is enough: this process then exits).
+   * false when `room` spares wait already (this process then exits).
    */
-  async recycle(): Promise<boolean> {
-    if ((await liveSpares(this.#registry)).length > 0) return false;
+  async recycle(room = 1): Promise<boolean> {
+    if ((await liveSpares(this.#registry)).length >= room) return false;
     await this.#publish();
     return true;
   }

@@ -4,7 +4,8 @@
  * shim.pid, at normal priority again), with exit codes, output and `ctr task exec` as usual; the
  * server of a short-lived container waits as a spare again once it is gone (recycled, its log FIFO
  * closed) and serves the next one; long-running containers started back to back find spares (in
- * demand, they boot early); containers started back to back all succeed; a spare whose code was
+ * demand, they boot early); in demand a finished server waits beside a booted spare (a pool of
+ * two), and the surplus one leaves once the demand ends; containers started back to back all succeed; a spare whose code was
  * rebuilt declines (the start goes the Node way) and leaves; with `shim.spare: false` no spare is
  * booted, and a recycled server that served such a container exits. Each run of this file
  * uses a private copy of the built shim, so that no other test's containers claim its spares.
@@ -158,7 +159,37 @@ async function spares(t: Test, version: ContainerdVersion): Promise<void> {
     t.same(await h.runscSandboxes(), [], 'no sandbox left');
   });
 
+  await t.test('in demand, a finished server waits beside the booted spare; once demand ends, the surplus one leaves', async (t) => {
+    const missed = path.join(registry, 'missed');
+    const markMiss = (): void => writeFileSync(missed, ''); // what the launcher's start does when it finds no spare
+    await until(async () => (await liveSpares(registry)).length === 1, 60_000, 'one spare to wait', 100);
+    const first = (await liveSpares(registry))[0]!;
+    markMiss();
+    const run = await h.runThaw({ id: 'it-pool-1', image: IMAGE, args: ['/bin/sleep', '600'], logFile: path.join(h.dir, 'it-pool-1.log') });
+    t.equal(run.code, 0, run.err);
+    t.equal(h.shimPidOf('it-pool-1'), first, 'served by the waiting spare');
+    let booted = 0;
+    await until(async () => ((booted = (await liveSpares(registry)).find((pid) => pid !== first) ?? 0), booted > 0), 60_000, 'in demand: the next spare boots at once', 50);
+    markMiss();
+    await killAndRemove(t, 'it-pool-1');
+    const pool = [first, booted].sort((a, b) => a - b);
+    await until(async () => (await liveSpares(registry)).length === 2, 30_000, 'the server to wait beside the booted spare', 50);
+    t.same((await liveSpares(registry)).sort((a, b) => a - b), pool, 'two spares wait: the recycled server and the booted one');
+    markMiss();
+    const short = await h.runThaw({ id: 'it-pool-2', image: IMAGE, args: ['/bin/sh', '-c', 'echo pooled; exit 7'] });
+    t.equal(short.code, 7, short.err);
+    t.match(short.out, /pooled/);
+    await until(async () => (await liveSpares(registry)).length === 2, 30_000, 'its server to wait again', 50);
+    t.same((await liveSpares(registry)).sort((a, b) => a - b), pool, 'served from the pool: no spare booted');
+    const past = new Date(Date.now() - 60_000);
+    utimesSync(missed, past, past); // the demand window has passed
+    await until(async () => (await liveSpares(registry)).length === 1, 45_000, 'the surplus spare to leave (checked every 5 s)', 200);
+    t.same(await liveSpares(registry), [pool[0]], 'the lower pid stays');
+    await until(() => !isAlive(pool[1]!), 10_000, 'the surplus spare to exit');
+  });
+
   await t.test('a container whose config turns spares off: the recycled server that took it exits after it', async (t) => {
+    await until(async () => (await liveSpares(registry)).length === 1, 60_000, 'one spare to wait', 100);
     const spare = await waitingSpare();
     const config = path.join(h.dir, 'no-spare-2.json');
     writeFileSync(config, JSON.stringify({ ...JSON.parse(readFileSync(h.thawConfigPath, 'utf8')), shim: { spare: false } }));
@@ -189,7 +220,7 @@ async function spares(t: Test, version: ContainerdVersion): Promise<void> {
     const r = await h.runThaw({ id: 'it-spare-stale', image: IMAGE, args: ['/bin/sh', '-c', 'echo fresh; exit 6'] });
     t.equal(r.code, 6, r.err);
     t.match(r.out, /fresh/);
-    // Claimed, it declines at once; left waiting (another spare took the start), its code watch (every 30 s) retires it.
+    // Claimed, it declines at once; left waiting (another spare took the start), its code watch (every 5 s) retires it.
     await until(() => !isAlive(stale), 45_000, 'the stale spare to exit');
     t.pass('the stale spare exited');
   });

@@ -22,11 +22,12 @@ import {
   handleClaim,
   liveSpares,
   RecyclePolicy,
-  retireWhenCodeChanges,
+  retireWhenUnneeded,
   SpareRequests,
   SpareSlot,
   sparesInDemand,
   spareRegistry,
+  whySpareUnneeded,
   type ClaimDeps,
   type SpareClaim,
   type SpareStatus,
@@ -197,6 +198,11 @@ t.test('recycle: a server whose container is gone waits again under a new name, 
   mkdirSync(join(inst.registry, 'spare.1-1')); // another live process (init) waits as a spare
   t.equal(await slot!.recycle(), false, 'one spare is enough: this one is to exit');
   t.same(await liveSpares(inst.registry), [1]);
+  t.equal(await slot!.recycle(2), true, 'room for two (spares in demand): it waits beside the other');
+  t.same((await liveSpares(inst.registry)).sort((a, b) => a - b), [1, process.pid]);
+  claim();
+  mkdirSync(join(inst.registry, `spare.${process.ppid}-1`));
+  t.equal(await slot!.recycle(2), false, 'two wait already: no room');
 });
 
 t.test('afterServing: closes the container log, then waits as a spare again, or exits leaving a spare behind', async (t) => {
@@ -260,6 +266,15 @@ t.test('afterServing: closes the container log, then waits as a spare again, or 
   t.throws(() => fstatSync(logFd), { code: 'EBADF' }, 'its log closed too');
   t.equal(boots, 1, 'the requested spare booted before exiting');
   t.same(await liveSpares(inst.registry), [], 'not in the registry');
+
+  // Another spare waits (booted while this container ran): in demand there is room for both.
+  mkdirSync(join(inst.registry, 'spare.1-1')); // init stands in for it
+  const beside = (inDemand: boolean): Promise<unknown> =>
+    afterServing({ server: server(config(true)), policy: new RecyclePolicy({ maxContainers: 100, maxRssBytes: 2 ** 40 }), slot, codeUnchanged: true, inDemand: () => inDemand });
+  t.same(await beside(false), { kind: 'exit', code: 0 }, 'calm: one spare is enough, this server exits');
+  t.same(await liveSpares(inst.registry), [1]);
+  t.same(await beside(true), { kind: 'recycled' }, 'in demand: it waits beside the other spare');
+  t.same((await liveSpares(inst.registry)).sort((a, b) => a - b), [1, process.pid]);
 });
 
 t.test('RecyclePolicy: only a clean server within its limits waits again', async (t) => {
@@ -276,6 +291,26 @@ t.test('RecyclePolicy: only a clean server within its limits waits again', async
   t.match(fresh().judge({ ...clean, codeUnchanged: false }), /code changed/);
   t.match(fresh().judge({ ...clean, rssBytes: 61 * 2 ** 20 }), /RSS 61 MiB/);
   t.match(fresh().judge({ ...clean, children: 2 }), /2 child process/);
+});
+
+t.test('whySpareUnneeded: of two spares waiting outside demand, the higher pid leaves', async (t) => {
+  const inst = install(t);
+  const root = dirname(dirname(inst.launcher));
+  mkdirSync(join(root, 'dist', 'bundle'), { recursive: true });
+  writeFileSync(join(root, 'dist', 'bundle', 'shim.js'), '// v1');
+  const code = new CodeStamp(dirname(inst.launcher));
+  mkdirSync(inst.registry, { recursive: true });
+  t.equal(await whySpareUnneeded({ code, registry: inst.registry }), undefined, 'alone: needed');
+  mkdirSync(join(inst.registry, 'spare.1-1')); // init stands in for a spare with a lower pid
+  t.equal(await whySpareUnneeded({ code, registry: inst.registry }), 'another spare waits and none are in demand');
+  t.equal(await whySpareUnneeded({ code, registry: inst.registry, pid: 1 }), undefined, 'the lower pid stays');
+  writeFileSync(join(inst.registry, 'missed'), '');
+  t.equal(await whySpareUnneeded({ code, registry: inst.registry }), undefined, 'in demand (a miss just now): both stay');
+  t.equal(
+    await whySpareUnneeded({ code, registry: inst.registry, now: Date.now() + 11_000 }),
+    'another spare waits and none are in demand',
+    'once the demand window passed, the surplus one leaves',
+  );
 });
 
 t.test('SpareRequests: calm, one boot a while after Start; in demand, at once from load; settle boots a pending one', async (t) => {
@@ -449,13 +484,23 @@ t.test('a waiting spare whose code is rebuilt retires itself', async (t) => {
   const slot = await SpareSlot.register(inst.registry);
   const waiting = slot!.waitForClaim();
   let gone = false;
-  const stop = retireWhenCodeChanges(slot!, code, () => (gone = true), 20);
+  let reason: string | undefined;
+  const stop = retireWhenUnneeded(
+    slot!,
+    () => whySpareUnneeded({ code, registry: inst.registry }),
+    (why) => {
+      gone = true;
+      reason = why;
+    },
+    20,
+  );
   await new Promise((r) => setTimeout(r, 100));
   t.notOk(gone, 'nothing happens while the code stays');
   const later = new Date(Date.now() + 5000);
   utimesSync(bundleFile, later, later);
   t.notOk(code.unchanged(), 'a rebuilt bundle is another stamp');
   await waitFor(() => gone);
+  t.equal(reason, 'the installed code changed');
   t.equal(await waiting, undefined, 'the pending wait ends without a claim');
   t.same(await liveSpares(inst.registry), [], 'out of the registry');
   stop();
