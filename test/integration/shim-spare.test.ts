@@ -82,6 +82,13 @@ async function spares(t: Test, version: ContainerdVersion): Promise<void> {
     await until(async () => ((pid = (await liveSpares(registry))[0] ?? 0), pid > 0), 60_000, 'a spare to wait in the registry', 50);
     return pid;
   };
+  /** The one spare waiting, once spares are not in demand: of two (a pool left by a miss), one leaves within 5 s. */
+  const onlySpare = async (): Promise<number> => {
+    rmSync(path.join(registry, 'missed'), { force: true });
+    let live: number[] = [];
+    await until(async () => ((live = await liveSpares(registry)), live.length === 1), 60_000, 'one spare to wait in the registry', 50);
+    return live[0]!;
+  };
   const killAndRemove = async (t: Test, id: string): Promise<void> => {
     await h.ctr(['tasks', 'kill', '-s', 'SIGKILL', id]);
     await h.waitForTaskStatus(id, 'STOPPED');
@@ -123,8 +130,7 @@ async function spares(t: Test, version: ContainerdVersion): Promise<void> {
   });
 
   await t.test("a short-lived container's server waits as a spare again and serves the next container", async (t) => {
-    rmSync(path.join(registry, 'missed'), { force: true }); // no earlier miss: spares are not in demand
-    const spare = await waitingSpare();
+    const spare = await onlySpare(); // and no earlier miss: spares are not in demand
     const first = await h.runThaw({ id: 'it-recycle-1', image: IMAGE, args: ['/bin/sh', '-c', 'echo one; exit 3'] });
     t.equal(first.code, 3, first.err);
     t.match(first.out, /one/);
@@ -162,8 +168,7 @@ async function spares(t: Test, version: ContainerdVersion): Promise<void> {
   await t.test('in demand, a finished server waits beside the booted spare; once demand ends, the surplus one leaves', async (t) => {
     const missed = path.join(registry, 'missed');
     const markMiss = (): void => writeFileSync(missed, ''); // what the launcher's start does when it finds no spare
-    await until(async () => (await liveSpares(registry)).length === 1, 60_000, 'one spare to wait', 100);
-    const first = (await liveSpares(registry))[0]!;
+    const first = await onlySpare();
     markMiss();
     const run = await h.runThaw({ id: 'it-pool-1', image: IMAGE, args: ['/bin/sleep', '600'], logFile: path.join(h.dir, 'it-pool-1.log') });
     t.equal(run.code, 0, run.err);
@@ -189,8 +194,7 @@ async function spares(t: Test, version: ContainerdVersion): Promise<void> {
   });
 
   await t.test('a container whose config turns spares off: the recycled server that took it exits after it', async (t) => {
-    await until(async () => (await liveSpares(registry)).length === 1, 60_000, 'one spare to wait', 100);
-    const spare = await waitingSpare();
+    const spare = await onlySpare();
     const config = path.join(h.dir, 'no-spare-2.json');
     writeFileSync(config, JSON.stringify({ ...JSON.parse(readFileSync(h.thawConfigPath, 'utf8')), shim: { spare: false } }));
     h.track('it-spare-off');
@@ -213,7 +217,7 @@ async function spares(t: Test, version: ContainerdVersion): Promise<void> {
   });
 
   await t.test('a spare of rebuilt code declines, leaves, and the container still starts', async (t) => {
-    const stale = await waitingSpare();
+    const stale = await onlySpare();
     const bundle = path.join(bin, '..', 'dist', 'bundle', 'shim.js');
     const later = new Date(Date.now() + 5000);
     utimesSync(bundle, later, later);
