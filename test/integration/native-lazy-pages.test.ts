@@ -432,7 +432,12 @@ t.test('failures around CRIU: receive timeout, runc killed mid-restore, host pid
       'the half-made runc state was removed',
     );
     const logs = logsOf(w, id, from);
-    t.match(logs.find((l) => l.msg === 'restoring without lazy pages'), { fallback: 'restore', phase: 'lazy-pages', reason: /runc restore failed/ }, 'logged with the fallback');
+    // Which side notices first is a race: runc's exit, or CRIU (its child) closing the socket.
+    t.match(
+      logs.find((l) => l.msg === 'restoring without lazy pages'),
+      { fallback: 'restore', phase: 'lazy-pages', reason: /runc restore failed|CRIU closed the lazy-pages socket before the restore finished/ },
+      'logged with the fallback',
+    );
     t.equal(logs.find((l) => l.msg === 'native restore done')?.mode, 'plain');
     t.match(await verify(st.pid, out.path), /^VERIFY OK .* bad=0$/, 'the fallback restored every byte');
     t.same(processesOf(w.rid(id)), [st.pid], 'only the plain restore’s app runs in the container');
