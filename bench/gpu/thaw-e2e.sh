@@ -9,7 +9,8 @@
 # (kv-release, as vLLM's /sleep) and re-creates it after the restore (kv-reacquire, as /wake_up), inside
 # the timed restore-to-first-request; LAZY=auto|on|off sets the native engine's restore.lazyPages;
 # GPUS=N spreads pattern mode's chunks over N GPUs (one process, a CUDA context per GPU); PROCS=N runs
-# one process per GPU instead (as tensor parallelism does), GIB split evenly; with PROCS, NCCL=1 joins the
+# one process per GPU instead (as tensor parallelism does; more processes than GPUs share them round-robin,
+# without NCCL), GIB split evenly; with PROCS, NCCL=1 joins the
 # ranks in an NCCL process group that is destroyed before the checkpoint (nccl-down) and formed again after
 # the restore (nccl-up, inside the timed restore-to-first-request): the driver does not restore NCCL's peer
 # memory (docs/bench/gpu.md, "NCCL");
@@ -146,8 +147,22 @@ hang_dump() {
     grep -E '^(State|Threads)' /proc/$p/status 2>/dev/null
     for t in /proc/$p/task/*; do echo "-- $(basename $t) $(cat $t/comm) $(cat $t/wchan 2>/dev/null)"; head -8 $t/stack 2>/dev/null; done | head -60
   done
-  echo "=== CRIU logs"; for f in $(find "$W/state" -name '*.log' -newer "$OUT/thaw-checkpoint.json" 2>/dev/null); do echo "--- $f"; tail -40 "$f"; done
-  echo "=== thaw run log"; tail -c 6000 "$OUT/thaw-run-$CUR.log"
+  # The page server's side: every userfaultfd thaw holds, with the faults queued on it (fdinfo
+  # "pending"); the container's tasks with the syscall each is in (number and arguments).
+  for p in $(pgrep -f 'thaw\.js|page-keeper'); do
+    for fd in /proc/$p/fd/*; do
+      case "$(readlink "$fd" 2>/dev/null)" in *userfaultfd*) echo "-- uffd $p/${fd##*/}: $(tr '\n' ' ' < /proc/$p/fdinfo/${fd##*/})";; esac
+    done
+  done
+  for p in $(pgrep -f 'python|workload'); do
+    for t in /proc/$p/task/*; do echo "-- syscall $p/$(basename $t): $(cat $t/syscall 2>/dev/null)"; done | head -8
+  done
+  echo "=== CRIU logs"
+  for f in $(find "$W/state" -name '*.log' -newer "$OUT/thaw-checkpoint.json" 2>/dev/null); do
+    echo "--- $f"; grep -nE 'lazy|uffd|Sending PID|zombie|rseq|Error|fail' "$f" | tail -80; tail -40 "$f"
+    gzip -c "$f" > "$OUT/hang-$CUR-$(basename "$f").gz"
+  done
+  echo "=== thaw run log"; tail -c 12000 "$OUT/thaw-run-$CUR.log"
   echo "=== app output"; tail -20 "$W/$CUR.log" 2>/dev/null
   echo "=== nvidia-smi"; nvidia-smi 2>&1 | head -40
   echo "=== dmesg"; dmesg 2>&1 | tail -20
@@ -158,7 +173,8 @@ for r in $(seq 1 "$REPS"); do
     CUR=r$r-$cache
     verify=1 cfg=$W/thaw.json
     case "$cache" in *-nv) verify=0 cfg=$W/thaw-nv.json ;; esac
-    TI="$NODE $THAW_JS --config $cfg --json --log-level info"
+    level=info; [ -n "${HANG_DUMP_S:-}" ] && level=debug # a hang dump wants the page server's debug lines
+    TI="$NODE $THAW_JS --config $cfg --json --log-level $level"
     case "$cache" in cold*) sync; echo 3 > /proc/sys/vm/drop_caches; echo "page cache dropped" ;; esac
     echo "=== thaw run again: restore $CUR ($ROUTE, $cache cache)"
     : > "$W/ctl/events.jsonl"

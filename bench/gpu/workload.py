@@ -133,8 +133,10 @@ def rank_args(args, rank):
 
 
 def load_rank(torch, args, rank):
-    torch.cuda.set_device(rank)
-    w = Workload(torch, torch.device("cuda", rank), args)
+    # More ranks than GPUs (without NCCL, which wants one GPU per rank) share them round-robin.
+    gpu = rank % max(1, torch.cuda.device_count())
+    torch.cuda.set_device(gpu)
+    w = Workload(torch, torch.device("cuda", gpu), args)
     w.load()
     w.compute()
     w.reference = w.fingerprint()

@@ -111,6 +111,11 @@ export interface LazyPagesOptions {
   receiveTimeoutMs?: number;
   /** For the whole fill (default 60 s + 100 MB/s of lazy bytes: far beyond any healthy fill). */
   fillTimeoutMs?: number;
+  /**
+   * After a failure before "restore finished", how long the aborted restore command may take to
+   * end before what it restored is killed anyway (default 5 s; see startLazyRestore).
+   */
+  abortGraceMs?: number;
   log?: Logger;
   /** The addon (tests); default: loadUffdAddon(). */
   binding?: UffdBinding;
@@ -279,9 +284,13 @@ export class LazyPageServer implements AsyncDisposable {
   async receive(): Promise<number[]> {
     const timeout = this.#opts.receiveTimeoutMs ?? 60_000;
     try {
-      this.#clientFd = await this.#b.accept(this.#listenFd, this.#cancelFd, timeout);
+      this.#clientFd = await this.#answeredWithin(this.#b.accept(this.#listenFd, this.#cancelFd, timeout), timeout, 'accept');
       for (;;) {
-        const m = (await this.#b.receive(this.#clientFd, this.#cancelFd, timeout)) as LazyMessage & { pid: number; uffd: number };
+        const m = (await this.#answeredWithin(this.#b.receive(this.#clientFd, this.#cancelFd, timeout), timeout, 'receive')) as LazyMessage & {
+          pid: number;
+          uffd: number;
+        };
+        if (m.kind !== 'closed') this.#log.debug({ phase: 'lazy-pages-receive', kind: m.kind, pid: m.pid, uffd: m.uffd, received: this.#received.length }, 'lazy-pages message');
         if (m.kind === 'task') {
           this.#openUffds.add(m.uffd);
           this.#received.push({ pid: m.pid, uffd: m.uffd });
@@ -335,6 +344,25 @@ export class LazyPageServer implements AsyncDisposable {
         this.cancel();
       },
     );
+  }
+
+  /**
+   * The addon's accept/receive time out on their own, but only once a libuv pool thread runs them:
+   * should the pool be busy elsewhere, this side stops waiting a little later and cancels them.
+   */
+  async #answeredWithin<T>(call: Promise<T>, timeoutMs: number, op: string): Promise<T> {
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        this.cancel();
+        reject(Object.assign(new Error(`${op} did not answer within ${timeoutMs + ANSWER_MARGIN_MS} ms`), { code: 'ETIMEDOUT', errno: 110 }));
+      }, timeoutMs + ANSWER_MARGIN_MS);
+    });
+    try {
+      return await Promise.race([call, late]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   #startFill(pid: number, uffd: number): Promise<LazyTaskResult> {
@@ -484,6 +512,22 @@ async function checkSmallImage(path: string, bytes: Uint8Array, checksums: Reado
   }
 }
 
+/** How much longer than the addon's own timeout the JS side waits for an accept or receive. */
+const ANSWER_MARGIN_MS = 5_000;
+/** After the kill, how long the aborted restore's promises may take to settle before going on. */
+const KILLED_SETTLE_MS = 10_000;
+
+/** Whether `p` settles within `ms` (it is not cancelled either way). */
+async function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const expired = new Promise<false>((resolve) => (timer = setTimeout(() => resolve(false), ms)));
+  try {
+    return await Promise.race([p.then(() => true as const), expired]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /** Hashes each file (the addon, in parallel) and compares it with its checksum; DataLoss on a mismatch. */
 async function hashAndCompare(b: UffdBinding, paths: readonly string[], checksums: ReadonlyMap<string, ImageChecksum> | undefined): Promise<void> {
   const cancelFd = b.createCancel();
@@ -581,6 +625,7 @@ export async function startLazyRestore(opts: LazyPagesOptions & { hooks: LazyRes
 
   const receiving = server.receive();
   const restoring = opts.hooks.restore(ac.signal);
+  restoring.catch(() => undefined); // observed below; it may settle only after the kill
   try {
     // Both must succeed; whichever fails first stops the other.
     await Promise.all([
@@ -594,8 +639,21 @@ export async function startLazyRestore(opts: LazyPagesOptions & { hooks: LazyRes
       }),
     ]);
   } catch (err) {
-    await Promise.allSettled([receiving, restoring, server.fill()]);
+    ac.abort();
+    server.cancel();
+    // The aborted restore command ends soon (runc: SIGTERM, SIGKILL 2 s later), but its promise
+    // settles only once every process holding its output is gone — and a CRIU waiting for a task
+    // stuck on a page nobody serves (the H100s showed one) never goes. So what the attempt restored
+    // is killed after a grace period either way, and only then is the rest waited for.
+    const settled = Promise.allSettled([receiving, restoring, server.fill()]);
+    const graceMs = opts.abortGraceMs ?? 5_000;
+    if (!(await settlesWithin(settled, graceMs))) {
+      log.warn({ phase: 'lazy-pages-abort', durationMs: graceMs }, 'the aborted restore did not end: killing what it restored');
+    }
     await killAndClose().catch((e: unknown) => log.error({ err: e }, 'killing a failed lazy restore failed'));
+    if (!(await settlesWithin(settled, KILLED_SETTLE_MS))) {
+      log.error({ phase: 'lazy-pages-abort', durationMs: KILLED_SETTLE_MS }, 'the aborted restore still did not end after the kill');
+    }
     const phase: PagePhase = err instanceof PageServerError ? err.phase : 'restore';
     const code = err instanceof ShimError ? err.code : 'Unknown';
     throw new PageServerError(code, `lazy restore failed: ${(err as Error).message}`, { phase, pids: server.pids, killed }, { cause: err });

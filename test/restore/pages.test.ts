@@ -221,6 +221,54 @@ if (skip) {
       });
     });
 
+    t.test('a receive timeout while the restore command hangs until its tasks die: killed after the grace, phase receive', async (t) => {
+      // As on the H100s: a task faulted on a page nobody served, CRIU waited for it, and the
+      // aborted runc's promise could not settle while CRIU held its output. Here the restore hook
+      // ends only once the kill hook ran.
+      const w = await world(['verify']);
+      let killedRestore = (): void => undefined;
+      let sock: ReturnType<typeof connect> | undefined;
+      const calls: string[] = [];
+      const hooks: LazyRestoreHooks = {
+        restore: async (signal) => {
+          calls.push('restore');
+          sock = connect(join(w.workDir, LAZY_PAGES_SOCKET)); // connected, sends nothing
+          sock.on('error', () => undefined);
+          await new Promise<void>((_, reject) => {
+            killedRestore = () => reject(new Error('runc restore: killed'));
+          });
+          t.ok(signal.aborted, 'the restore was aborted first');
+        },
+        kill: async () => {
+          calls.push('kill');
+          sock?.destroy();
+          killedRestore();
+        },
+      };
+      const t0 = performance.now();
+      await t.rejects(startLazyRestore({ imageDir: w.imageDir, workDir: w.workDir, receiveTimeoutMs: 300, abortGraceMs: 200, hooks }), {
+        phase: 'receive',
+        code: 'DeadlineExceeded',
+        killed: true,
+      });
+      t.same(calls, ['restore', 'kill'], 'killed although the restore had not ended');
+      t.ok(performance.now() - t0 < 5_000, 'no hang');
+    });
+
+    t.test('an addon receive that never runs (libuv pool busy): this side stops waiting, phase receive', async (t) => {
+      const w = await world(['verify']);
+      const stuck = { ...load.binding!, receive: () => new Promise<never>(() => undefined) };
+      const t0 = performance.now();
+      await t.rejects(startLazyRestore({ imageDir: w.imageDir, workDir: w.workDir, receiveTimeoutMs: 200, abortGraceMs: 200, binding: stuck, hooks: w.hooks }), {
+        phase: 'receive',
+        code: 'DeadlineExceeded',
+        message: /receive did not answer within 5200 ms/,
+        killed: true,
+      });
+      t.ok(performance.now() - t0 < 15_000, 'within the timeout and its margin');
+      t.equal((await w.app().exit).signal, 'SIGKILL', 'the task that had connected was killed');
+    });
+
     // ---- the page keeper (page-keeper.ts) ----
 
     t.test('keeper: started at "restore finished" with every uffd, released once the pages are in', async (t) => {
