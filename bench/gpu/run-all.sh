@@ -140,6 +140,12 @@ case "$MODE" in
     # the Debian liburing/libaio/libxxhash they link): without them thaw falls back to TypeScript I/O and
     # the plain CRIU restore.
     if [ -d .gpu/native ]; then cp -r .gpu/native "$W/app/native"; export LD_LIBRARY_PATH=$W/app/native/lib; fi
+    # A build carried with the checkout (native/build, native/uffd/build) wins over .gpu/native's: a
+    # stale .gpu copy once ran every GPU lazy restore on an addon two fixes old.
+    for addon in build/Release/thaw_io.node uffd/build/Release/thaw_uffd.node; do
+      [ -f "native/$addon" ] && mkdir -p "$(dirname "$W/app/native/$addon")" && cp "native/$addon" "$W/app/native/$addon"
+      [ -f "$W/app/native/$addon" ] && echo "addon $addon: $(date -r "$W/app/native/$addon" +%FT%T) $(sha256sum < "$W/app/native/$addon" | cut -c1-12)"
+    done
     # THAW_CASES: space-separated GIB[:KVGIB[:KV[:LAZY[:DROP[:ROUTE[:QUEUE[:PRE]]]]]]], e.g. "16.4 16.4:0:keep:off
     # 8:8:discard" or "8:0:keep:auto:0:park" (ROUTE driver|park|park-unreg, QUEUE 0|1, PRE commands joined
     # by '+': see thaw-e2e.sh). REPS, CACHES pass through to thaw-e2e.sh (restores per snapshot, cache

@@ -53,7 +53,6 @@ import {
   type LazyRestore,
   type LazyRestoreHooks,
 } from '../restore/pages.js';
-import { listImagePids } from '../restore/pages-image.js';
 import { PageKeeper, type PageKeeperOptions } from '../restore/page-keeper.js';
 import { criuCheckFeature, criuVersion, unmountAllUnder } from '../runc/criu.js';
 import type { RuncStdio, RuncStdioSlot } from '../runc/options.js';
@@ -146,8 +145,6 @@ const LAZY_WORK_DIR = 'restore-work-lazy';
 const PAGE_KEEPER_LOG = 'page-keeper.log';
 /** CRIU's page images, relative to the snapshot dir (image/pages-1.img). */
 const PAGES_IMAGE = /(^|\/)pages-\d+\.img$/;
-/** One per process of the image (CRIU's pagemap-<pid>.img). */
-const PAGEMAP_IMAGE = /(^|\/)pagemap-\d+\.img$/;
 /** How long the kill of a failed restore may take before it counts as failed. */
 const KILL_TIMEOUT_MS = 10_000;
 
@@ -304,7 +301,7 @@ export class NativeEngine implements Engine {
     if (image?.hostPidNamespace) await this.#waitForPidsFree(image.pids, opts.imageDir);
     const log = this.#log.child({ id: opts.id });
     const timer = new PhaseTimer(log);
-    const lazyWanted = await this.#lazyPagesWanted(opts.lazyPages ?? this.#lazyPages, (await listImagePids(opts.imageDir)).length);
+    const lazyWanted = await this.#lazyPagesWanted(opts.lazyPages ?? this.#lazyPages);
 
     await using cleanup = this.#cleanup(opts.id);
     const dir = await this.#claim(rid, cleanup);
@@ -361,22 +358,21 @@ export class NativeEngine implements Engine {
 
   /** With lazy pages, the page server reads and checks the page images itself (pages-N.img). */
   async selfVerifiedFiles(files: readonly ManifestFile[]): Promise<ManifestFile[]> {
-    const tasks = files.filter((f) => PAGEMAP_IMAGE.test(f.path)).length;
-    if (!(await this.#lazyPagesWanted(this.#lazyPages, tasks)).use) return [];
+    if (!(await this.#lazyPagesWanted(this.#lazyPages)).use) return [];
     return files.filter((f) => PAGES_IMAGE.test(f.path));
   }
 
-  /** Whether to try lazy pages for an image of `tasks` processes (pagemap images), or why not. */
-  async #lazyPagesWanted(mode: LazyPagesMode, tasks: number): Promise<{ use: true } | { use: false; reason: string }> {
+  /**
+   * Whether to try lazy pages, or why not. Images of several processes too: they once hung (one
+   * NCCL rank per GPU) because every task's fill held one of libuv's four pool threads and the fifth
+   * task's userfaultfd was never received; fills have their own threads now (native/src/uffd_worker.cc),
+   * and 5-task restores on the H100s are bit-exact (docs/bench/gpu.md, "Lazy pages for several processes").
+   */
+  async #lazyPagesWanted(mode: LazyPagesMode): Promise<{ use: true } | { use: false; reason: string }> {
     if (mode === 'off') return { use: false, reason: 'lazy pages are off' };
     const avail = lazyPagesAvailable(this.#lazyTuning.binding);
     if (!avail.ok) return { use: false, reason: avail.reason };
     if (mode === 'on') return { use: true };
-    // A container of several processes (one per GPU, joined by NCCL: 5 tasks) hung in CRIU's
-    // restore with lazy pages — one task blocked in a userfault before "restore finished" — while
-    // its plain restore works (docs/bench/gpu.md, "NCCL"). Until that is understood, `auto` keeps
-    // lazy pages to single-process images; `on` still tries (and falls back if refused).
-    if (tasks > 1) return { use: false, reason: `${tasks} processes in the image: lazy pages only for one (restore.lazyPages "on" forces them)` };
     const check = await criuCheckFeature(this.#criuPath, 'uffd-noncoop').catch((err: unknown) => ({ ok: false, output: asShimError(err).message }));
     if (!check.ok) return { use: false, reason: `CRIU at ${this.#criuPath} cannot restore lazily: ${lastLine(check.output) || 'criu check --feature uffd-noncoop failed'}` };
     return { use: true };

@@ -16,7 +16,8 @@ import { loadUffdAddon } from '../../src/restore/pages-native.js';
 import { startLazyRestore, type ImageChecksum } from '../../src/restore/pages.js';
 import { criuCheck, criuCheckFeature } from '../../src/runc/criu.js';
 import { WasmXxh64Hasher } from '../../src/snapshot/hash.js';
-import { buildDemoApp, demoBundle } from '../helpers/demo-app.js';
+import { buildDemoApp, demoAppArgv, demoBundle } from '../helpers/demo-app.js';
+import { buildBundle } from '../../src/bundle/bundle.js';
 import { REPO, cliEnv, ensureBuilt } from '../helpers/thaw-cli.js';
 
 /**
@@ -504,6 +505,46 @@ t.test('failures around CRIU: receive timeout, runc killed mid-restore, host pid
   }
 
   await assertNothingLeft(t, w, ['receive-fails', 'cut-off', 'damaged', 'truncated', 'hostpid-fill-fails'], relays);
+});
+
+/**
+ * A container of five processes — a shell and four apps, as one NCCL rank per GPU plus a launcher —
+ * restored with `lazyPages: auto` through the page server: five tasks' fills at once, each on its
+ * own thread (with fills on libuv's four pool threads the fifth task's userfaultfd was never
+ * received and the restore hung: seen on the H100s). Every app's memory bit-exact.
+ */
+t.test('a container of five processes restores through the page server (lazyPages auto), every byte intact', { skip }, async (t) => {
+  const w = await world(t);
+  const app = join(w.dir, 'thaw-demo-app');
+  const mib = 64;
+  const apps = [1, 2, 3, 4].map((seed) => demoAppArgv({ mib, initMs: 0, tickMs: 200, seed }).join(' '));
+  const bundle = await buildBundle({ dir: join(w.dir, 'bundles', 'five'), args: ['/bin/sh', '-c', `${apps.map((a) => `${a} &`).join(' ')} wait`], files: { [app]: '/app' } });
+  const source = w.engine({ lazyPages: 'off' });
+  const src = w.out('five-source');
+  await source.create({ id: 'five-src', bundle, stdio: ['ignore', src.fd, src.fd] });
+  const relays = [...w.relays('five-src')];
+  await source.start('five-src');
+  await waitFor('four READY lines', () => (lines(src.path).filter((l) => l.startsWith('READY')).length === 4 ? true : undefined), 120_000);
+  const image = join(w.dir, 'image-five');
+  mkdirSync(image);
+  await source.checkpoint('five-src', { imageDir: image, leaveRunning: false });
+  await source.delete('five-src');
+  t.equal(readdirSync(image).filter((f) => /^pagemap-\d+\.img$/.test(f)).length, 5, 'five processes in the image');
+
+  const id = 'five';
+  const out = w.out(id);
+  const from = w.logs.length;
+  const st = await w.engine({ lazyPages: 'auto' }).restore({ id, bundle, stdio: ['ignore', out.fd, out.fd], imageDir: image, pageChecksums: await checksumsOf(image) });
+  relays.push(...w.relays(id));
+  const logs = logsOf(w, id, from);
+  t.equal(logs.find((l) => l.msg === 'native restore done')?.mode, 'lazy', 'restored through the page server');
+  t.equal(logs.filter((l) => l.msg === 'lazy-pages message' && l.kind === 'task').length, 5, "every task's userfaultfd received");
+  t.equal(logs.find((l) => l.msg === 'anonymous memory restored by the page server')?.verified, true, 'pages checked against the checksums');
+  const appPids = cgroupProcs(w.rid(id)).filter((pid) => pid !== st.pid);
+  t.equal(appPids.length, 4, 'the four apps run under the restored shell');
+  for (const pid of appPids) t.match(await verify(pid, out.path), /^VERIFY OK .* bad=0$/, `app ${pid}: ${mib} MiB intact`);
+  await w.engine().delete(id, { force: true });
+  await assertNothingLeft(t, w, ['five-src', id], relays);
 });
 
 /**
