@@ -106,13 +106,14 @@ export function retireWhenUnneeded(
   intervalMs = UNNEEDED_CHECK_MS,
 ): () => void {
   let checking = false;
+  let stopped = false;
   const timer = setInterval(() => {
     if (checking) return;
     checking = true;
     void whyUnneeded()
       .catch(() => undefined)
       .then(async (why) => {
-        if (why === undefined) return;
+        if (why === undefined || stopped) return; // stopped: claimed meanwhile, the slot is no longer this watch's
         clearInterval(timer);
         const retired = await slot.retire().catch(() => true);
         if (retired) gone(why);
@@ -120,7 +121,10 @@ export function retireWhenUnneeded(
       .finally(() => (checking = false));
   }, intervalMs);
   timer.unref();
-  return () => clearInterval(timer);
+  return () => {
+    stopped = true;
+    clearInterval(timer);
+  };
 }
 
 /**
