@@ -390,6 +390,9 @@ t.test('wait: the zombie’s status when seen, else 137 after SIGKILL, else unkn
   t.equal((await engine.wait('z')).exitStatus, 7);
 
   const short = spawn('sleep', ['0.3'], { stdio: 'ignore' });
+  // Node emits 'exit' once it has reaped the child: looked at any earlier, a loaded machine could
+  // show the zombie (status 0) in the moment between its exit and the reap.
+  await new Promise((resolve) => short.once('exit', resolve));
   plan('create', { files: { 'pid-file': `${short.pid}\n` } });
   await engine.create({ id: 'reaped', bundle, stdio: ['ignore', 'ignore', 'ignore'] });
   t.equal((await engine.wait('reaped')).exitStatus, UNKNOWN_EXIT_STATUS, 'reaped by its parent before we looked');
