@@ -418,6 +418,9 @@ CopyOutcome Session::CopyPages(Target* t, uint64_t* pos, uint64_t end, uint64_t 
     }
     *pos = p;
     uint64_t run = t->WantedRun(p, end - p);
+    // Another thread (a fault copy beside a worker) may have installed page p since NextWanted saw
+    // it: bits are only ever cleared, so look again from p (a copy of 0 pages is EINVAL).
+    if (run == 0) continue;
     uint64_t addr = 0, contiguous = 0;
     if (!t->Translate(p, &addr, &contiguous)) {
       // No extent holds the page any more (its range was unmapped): nothing to install.
