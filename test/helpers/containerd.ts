@@ -152,6 +152,8 @@ export function integrationSkipReason({ bins = ['containerd', 'ctr', 'runsc', 't
 // ---------------------------------------------------------------- thaw build
 
 const BUILD_DIR = path.join(repo, 'tmp', 'it-build');
+/** bin/ of the integration tests' build (buildThawBinaries). */
+export const BUILD_BIN_DIR = path.join(BUILD_DIR, 'bin');
 // The page keeper's entry is exec'd by path, not imported: it must be compiled on its own.
 const BUILD_ENTRIES = ['src/cli/shim.ts', 'src/cli/thaw.ts', 'src/restore/page-keeper-main.ts'];
 
@@ -208,7 +210,7 @@ async function withBuildLock<T>(fn: () => Promise<T>): Promise<T> {
  * Concurrent test files share one build through a lock file.
  */
 export async function buildThawBinaries(): Promise<string> {
-  const bin = path.join(BUILD_DIR, 'bin');
+  const bin = BUILD_BIN_DIR;
   const stamp = path.join(BUILD_DIR, 'stamp');
   return withBuildLock(async () => {
     const want = sourceFingerprint();
