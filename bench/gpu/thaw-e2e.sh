@@ -150,16 +150,17 @@ hang_dump() {
   # The page server's side: every thread of thaw (libuv's pool workers included) with what it waits
   # in; every userfaultfd thaw holds, with the faults queued on it (fdinfo "pending"); the
   # container's tasks with the syscall each is in (number and arguments).
-  for p in $(pgrep -f 'thaw\.js'); do
+  for p in $(pgrep -f 'thaw\.js|page-keeper'); do
     for t in /proc/$p/task/*; do
       echo "-- thread $p/$(basename $t) $(cat $t/comm) $(cat $t/wchan 2>/dev/null) syscall: $(cut -d' ' -f1-3 $t/syscall 2>/dev/null)"
       grep -v '^\[<0>\] \(entry_SYSCALL\|do_syscall_64\|x64_sys_call\)' $t/stack 2>/dev/null | head -6
     done
-    for fd in /proc/$p/fd/*; do echo "-- fd $p/${fd##*/} -> $(readlink "$fd" 2>/dev/null)"; done
-  done
-  for p in $(pgrep -f 'thaw\.js|page-keeper'); do
     for fd in /proc/$p/fd/*; do
-      case "$(readlink "$fd" 2>/dev/null)" in *userfaultfd*) echo "-- uffd $p/${fd##*/}: $(tr '\n' ' ' < /proc/$p/fdinfo/${fd##*/})";; esac
+      target=$(readlink "$fd" 2>/dev/null)
+      case "$target" in
+        *userfaultfd*) echo "-- uffd $p/${fd##*/}: $(tr '\n' ' ' < /proc/$p/fdinfo/${fd##*/})" ;;
+        *) echo "-- fd $p/${fd##*/} -> $target" ;;
+      esac
     done
   done
   for p in $(pgrep -f 'python|workload'); do

@@ -141,8 +141,10 @@ async function serveShim(
   if (opts.servedBefore) log.info({ servedBefore: opts.servedBefore }, 'a recycled shim server serves this container');
   // Before any runsc: sandboxes become this server's children, so exits are reaped, not polled.
   enableChildReaper({ log });
-  const registry = spareRegistry(binDirOf(process.argv[1]!));
-  spareRequests ??= new SpareRequests(() => bootSpare(containerLog ?? log, registry), () => sparesInDemand(registry));
+  if (spareRequests === undefined) {
+    const registry = spareRegistry(binDirOf(process.argv[1]!)); // once per process, not per container
+    spareRequests = new SpareRequests(() => bootSpare(containerLog ?? log, registry), () => sparesInDemand(registry));
+  }
   return serve(
     {
       flags,

@@ -351,18 +351,12 @@ export class LazyPageServer implements AsyncDisposable {
    * should the pool be busy elsewhere, this side stops waiting a little later and cancels them.
    */
   async #answeredWithin<T>(call: Promise<T>, timeoutMs: number, op: string): Promise<T> {
-    let timer: NodeJS.Timeout | undefined;
-    const late = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        this.cancel();
-        reject(Object.assign(new Error(`${op} did not answer within ${timeoutMs + ANSWER_MARGIN_MS} ms`), { code: 'ETIMEDOUT', errno: 110 }));
-      }, timeoutMs + ANSWER_MARGIN_MS);
-    });
-    try {
-      return await Promise.race([call, late]);
-    } finally {
-      clearTimeout(timer);
+    const ms = timeoutMs + ANSWER_MARGIN_MS;
+    if (!(await settlesWithin(call, ms))) {
+      this.cancel();
+      throw Object.assign(new Error(`${op} did not answer within ${ms} ms`), { code: 'ETIMEDOUT', errno: 110 });
     }
+    return call;
   }
 
   #startFill(pid: number, uffd: number): Promise<LazyTaskResult> {
@@ -517,7 +511,7 @@ const ANSWER_MARGIN_MS = 5_000;
 /** After the kill, how long the aborted restore's promises may take to settle before going on. */
 const KILLED_SETTLE_MS = 10_000;
 
-/** Whether `p` settles within `ms` (it is not cancelled either way). */
+/** Whether `p` settles within `ms` (rejects as `p` does; `p` is not cancelled either way). */
 async function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
   let timer: NodeJS.Timeout | undefined;
   const expired = new Promise<false>((resolve) => (timer = setTimeout(() => resolve(false), ms)));
